@@ -50,3 +50,13 @@ def rng():
 def assert_close(actual, expected, *, rtol=1e-12, atol=1e-14, err_msg=""):
     """Compare a backend array (or NumPy array) with a NumPy reference."""
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from helpers import GRADIENT_REPORT
+
+    if not GRADIENT_REPORT:
+        return
+    terminalreporter.section("gradient checks (worst relative error of the analytic VJP)")
+    for (name, check), err in sorted(GRADIENT_REPORT.items()):
+        terminalreporter.write_line(f"{name:<40} {check:<20} {err:.2e}")

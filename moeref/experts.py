@@ -1,0 +1,87 @@
+"""Expert networks $f_i(x)$, evaluated for every expert on every input (dense form).
+
+Each family has its forward and VJP side by side. Outputs are stacked as ``(N, n, d_out)``:
+input, expert, feature.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .core import array_namespace
+from .validation import check_float_array, check_same_dtype, check_shape
+
+__all__ = ["LinearExpertsParams", "LinearExpertsGrads", "linear_experts", "linear_experts_vjp"]
+
+
+class LinearExpertsParams(NamedTuple):
+    """Parameters of ``n`` affine experts $f_i(x) = A_i x + c_i$.
+
+    Attributes
+    ----------
+    weight : array, shape (n, d_in, d_out)
+        ``weight[i]`` is $A_i^\\top$ (so that $f_i(x) = x$ @ ``weight[i]`` $+$ ``bias[i]`` for a row $x$).
+    bias : array, shape (n, d_out)
+    """
+
+    weight: Any
+    bias: Any
+
+
+class LinearExpertsGrads(NamedTuple):
+    """Cotangents of [`linear_experts`][moeref.experts.linear_experts]'s inputs."""
+
+    x: Any
+    params: LinearExpertsParams
+
+
+def _check_experts(x: Any, params: LinearExpertsParams) -> Any:
+    xp = array_namespace(x, params.weight, params.bias, names=("x", "params.weight", "params.bias"))
+    check_float_array(x, "x", ndim=2)
+    check_float_array(params.weight, "params.weight", ndim=3)
+    n, d_in, d_out = params.weight.shape
+    check_shape(params.weight, "params.weight", (n, x.shape[1], d_out), what=f"x has d_in={x.shape[1]} features")
+    check_shape(params.bias, "params.bias", (n, d_out), what=f"params.weight holds n={n} experts with d_out={d_out}")
+    check_same_dtype({"x": x, "params.weight": params.weight, "params.bias": params.bias})
+    return xp
+
+
+def linear_experts(x: Any, params: LinearExpertsParams) -> Any:
+    r"""Outputs of ``n`` affine experts on every input.
+
+    $$f_i(x_n) = A_i x_n + c_i, \qquad i = 1,\dots,n .$$
+
+    The linear experts of Jacobs et al. (1991), Neural Computation 3(1), doi:10.1162/neco.1991.3.1.79,
+    and of the expert networks in Jordan & Jacobs (1994), eq. (2.1), doi:10.1162/neco.1994.6.2.181.
+
+    Parameters
+    ----------
+    x : array, shape (N, d_in)
+    params : LinearExpertsParams
+
+    Returns
+    -------
+    array, shape (N, n, d_out)
+    """
+    xp = _check_experts(x, params)
+    # (n, N, d_out) -> (N, n, d_out)
+    out = xp.matmul(x[None, :, :], params.weight) + params.bias[:, None, :]
+    return xp.permute_dims(out, (1, 0, 2))
+
+
+def linear_experts_vjp(x: Any, params: LinearExpertsParams, cotangent: Any) -> LinearExpertsGrads:
+    r"""VJP of [`linear_experts`][moeref.experts.linear_experts].
+
+    $$\bar A_i^\top = \sum_n x_n \bar f_{ni}^\top, \qquad \bar c_i = \sum_n \bar f_{ni}, \qquad \bar x_n = \sum_i A_i^\top \bar f_{ni}.$$
+
+    Parameters
+    ----------
+    cotangent : array, shape (N, n, d_out)
+    """
+    xp = _check_experts(x, params)
+    n, _, d_out = params.weight.shape
+    check_shape(cotangent, "cotangent", (x.shape[0], n, d_out))
+    ct = xp.permute_dims(cotangent, (1, 0, 2))  # (n, N, d_out)
+    w_bar = xp.matmul(xp.matrix_transpose(x)[None, :, :], ct)  # (n, d_in, d_out)
+    x_bar = xp.sum(xp.matmul(ct, xp.matrix_transpose(params.weight)), axis=0)  # (N, d_in)
+    return LinearExpertsGrads(x=x_bar, params=LinearExpertsParams(weight=w_bar, bias=xp.sum(ct, axis=1)))
