@@ -1,4 +1,4 @@
-"""The generic mixture of experts: a gate-weighted combination of expert outputs.
+r"""The generic mixture of experts: a gate-weighted combination of expert outputs.
 
 Given expert outputs $f_i(x)$ and gate weights $w_i(x)$ from any gating function, the mixture
 is $\sum_i w_i(x) f_i(x)$ (soft) or $f_{\arg\max_i w_i(x)}(x)$ (hard). Every other dense
