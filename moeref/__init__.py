@@ -1,6 +1,44 @@
-"""moeref: a reference implementation (ground-truth oracle) of Mixture-of-Experts formulations."""
+"""moeref: a reference implementation (ground-truth oracle) of Mixture-of-Experts formulations.
+
+Every formulation is a forward function and, beside it, its analytic VJP::
+
+    y = moeref.mixture(gates, expert_outputs)
+    grads = moeref.mixture_vjp(gates, expert_outputs, cotangent)   # MixtureGrads(gates=..., expert_outputs=...)
+
+written once in array-API math, so NumPy, CuPy, PyTorch, JAX and array-api-strict arrays all work.
+"""
 
 from ._version import __version__
 from . import core
+from .experts import LinearExpertsGrads, LinearExpertsParams, linear_experts, linear_experts_vjp
+from .gates import (
+    LinearSoftmaxGateGrads,
+    LinearSoftmaxGateParams,
+    linear_softmax_gate,
+    linear_softmax_gate_logits,
+    linear_softmax_gate_vjp,
+    log_linear_softmax_gate,
+)
+from .mixture import MixtureGrads, hard_mixture, hard_mixture_vjp, mixture, mixture_vjp
 
-__all__ = ["__version__", "core"]
+__all__ = [
+    "__version__",
+    "core",
+    # building blocks
+    "LinearSoftmaxGateParams",
+    "LinearSoftmaxGateGrads",
+    "linear_softmax_gate",
+    "linear_softmax_gate_logits",
+    "linear_softmax_gate_vjp",
+    "log_linear_softmax_gate",
+    "LinearExpertsParams",
+    "LinearExpertsGrads",
+    "linear_experts",
+    "linear_experts_vjp",
+    # the generic mixture
+    "MixtureGrads",
+    "mixture",
+    "mixture_vjp",
+    "hard_mixture",
+    "hard_mixture_vjp",
+]
