@@ -37,6 +37,25 @@ def _experts(rng, n, d_in, d_out):
     return moeref.LinearExpertsParams(rng.normal(size=(n, d_in, d_out)), rng.normal(size=(n, d_out)))
 
 
+def _mos(rng, N=4, d=3, K=2, d_e=3, V=5):
+    params = moeref.MixtureOfSoftmaxesParams(
+        rng.normal(size=(d, K)), rng.normal(size=(K, d, d_e)), rng.normal(size=(K, d_e)),
+        rng.normal(size=(d_e, V)), rng.normal(size=V),
+    )
+    return (rng.normal(size=(N, d)), params), rng.normal(size=(N, V))
+
+
+def _deep_moe(rng, N=4, dims=(3, 4, 2), n=3, h=3):
+    layers = tuple(
+        moeref.DeepMoELayerParams(
+            rng.normal(size=(n, d_in, d_out)), rng.normal(size=(n, d_out)), rng.normal(size=(d_in, h)),
+            rng.normal(size=h), rng.normal(size=(h, n)), rng.normal(size=n),
+        )
+        for d_in, d_out in zip(dims[:-1], dims[1:])
+    )
+    return (rng.normal(size=(N, dims[0])), layers), rng.normal(size=(N, dims[-1]))
+
+
 CASES: list[Case] = [
     Case(
         "linear_softmax_gate",
@@ -65,6 +84,20 @@ CASES: list[Case] = [
         lambda rng: ((rng.dirichlet(np.ones(4), size=6), rng.normal(size=(6, 4, 2))), rng.normal(size=(6, 2))),
         moeref.hard_mixture,
         moeref.hard_mixture_vjp,
+    ),
+    Case(
+        "mixture_of_softmaxes",
+        "log sum_k pi_k softmax(h_k^T W) (Yang et al. 2017)",
+        _mos,
+        moeref.mixture_of_softmaxes_log_probs,
+        moeref.mixture_of_softmaxes_log_probs_vjp,
+    ),
+    Case(
+        "deep_moe",
+        "stacked dense MoE layers (Eigen et al. 2013)",
+        _deep_moe,
+        moeref.deep_moe,
+        moeref.deep_moe_vjp,
     ),
 ]
 

@@ -20,6 +20,26 @@ from .gates import (
     log_linear_softmax_gate,
 )
 from .mixture import MixtureGrads, hard_mixture, hard_mixture_vjp, mixture, mixture_vjp
+from .mixture_of_softmaxes import (
+    MixtureOfSoftmaxesGrads,
+    MixtureOfSoftmaxesNllGrads,
+    MixtureOfSoftmaxesParams,
+    mixture_of_softmaxes_log_probs,
+    mixture_of_softmaxes_log_probs_vjp,
+    mixture_of_softmaxes_nll,
+    mixture_of_softmaxes_nll_vjp,
+)
+from .deep_moe import (
+    DeepMoEGrads,
+    DeepMoELayerGrads,
+    DeepMoELayerParams,
+    deep_moe,
+    deep_moe_gates,
+    deep_moe_layer,
+    deep_moe_layer_gates,
+    deep_moe_layer_vjp,
+    deep_moe_vjp,
+)
 
 __all__ = [
     "__version__",
@@ -41,4 +61,22 @@ __all__ = [
     "mixture_vjp",
     "hard_mixture",
     "hard_mixture_vjp",
+    # mixture of softmaxes
+    "MixtureOfSoftmaxesParams",
+    "MixtureOfSoftmaxesGrads",
+    "MixtureOfSoftmaxesNllGrads",
+    "mixture_of_softmaxes_log_probs",
+    "mixture_of_softmaxes_log_probs_vjp",
+    "mixture_of_softmaxes_nll",
+    "mixture_of_softmaxes_nll_vjp",
+    # deep MoE
+    "DeepMoELayerParams",
+    "DeepMoELayerGrads",
+    "DeepMoEGrads",
+    "deep_moe_layer",
+    "deep_moe_layer_vjp",
+    "deep_moe_layer_gates",
+    "deep_moe",
+    "deep_moe_vjp",
+    "deep_moe_gates",
 ]
