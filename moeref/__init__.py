@@ -9,7 +9,7 @@ written once in array-API math, so NumPy, CuPy, PyTorch, JAX and array-api-stric
 """
 
 from ._version import __version__
-from . import core
+from . import core, datasets, em, regression_mixture
 from .experts import LinearExpertsGrads, LinearExpertsParams, linear_experts, linear_experts_vjp
 from .gates import (
     LinearSoftmaxGateGrads,
@@ -44,6 +44,9 @@ from .deep_moe import (
 __all__ = [
     "__version__",
     "core",
+    "datasets",
+    "em",
+    "regression_mixture",
     # building blocks
     "LinearSoftmaxGateParams",
     "LinearSoftmaxGateGrads",

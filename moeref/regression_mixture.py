@@ -1,0 +1,473 @@
+r"""Mixture of linear regressions (constant mixing weights), fitted by EM.
+
+$$p(y \mid x; \theta) = \sum_{k=1}^{K} \lambda_k\, \mathcal N\!\big(y \mid x^\top \beta_k, \sigma_k^2\big),
+\qquad \lambda_k \ge 0,\ \sum_k \lambda_k = 1 .$$
+
+This is the classical mixture of experts (Jacobs, Jordan, Nowlan & Hinton 1991) with a *constant*
+gate $w_k(x) = \lambda_k$ and linear-Gaussian experts: the "mixture of regressions" / switching
+regression model (Quandt 1972, "A new approach to estimating switching regressions", JASA
+67(338):306-310, doi:10.1080/01621459.1972.10482378; DeSarbo & Cron 1988, "A maximum likelihood
+methodology for clusterwise linear regression", Journal of Classification 5:249-282,
+doi:10.1007/BF01897167). Notation and EM updates follow Benaglia, Chauveau, Hunter & Young (2009),
+"mixtools: An R Package for Analyzing Finite Mixture Models", Journal of Statistical Software 32(6),
+doi:10.18637/jss.v032.i06, Section 5.2: model eq. (12), E-step eq. (13), M-step eqs. (4), (14), (15)
+(equation numbers of the mixtools package vignette, which reproduces the article).
+
+Notes
+-----
+Conventions:
+
+* ``x`` is the full design matrix, shape ``(N, p)``: add the intercept column yourself
+  ([`with_intercept`][moeref.regression_mixture.with_intercept]), as mixtools' ``addintercept=TRUE`` does.
+* ``params.beta`` has shape ``(p, K)``: column ``k`` is $\beta_k$ (mixtools' ``beta`` layout).
+* ``params.sigma`` holds standard deviations $\sigma_k$ (not variances), shape ``(K,)``.
+* ``params.weights`` holds $\lambda_k$, shape ``(K,)``.
+* ``variance="component"`` gives each component its own $\sigma_k$ (mixtools' default
+  ``arbvar = TRUE``); ``variance="common"`` ties them (``arbvar = FALSE``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from .core import array_namespace, device_of, log_softmax, logsumexp
+from .em import (
+    CollapsedVarianceError,
+    EMOptions,
+    EMResult,
+    EmptyComponentError,
+    EStep,
+    SingularWeightedLeastSquaresError,
+    run_em,
+)
+from .validation import check_choice, check_finite, check_float_array, check_same_dtype, check_shape, concrete_bool
+
+__all__ = [
+    "VARIANCE_MODELS",
+    "RegressionMixtureParams",
+    "RegressionMixtureGrads",
+    "with_intercept",
+    "regression_mixture_log_joint",
+    "regression_mixture_loglik",
+    "regression_mixture_loglik_vjp",
+    "regression_mixture_posteriors",
+    "regression_mixture_e_step",
+    "regression_mixture_m_step",
+    "regression_mixture_n_free_parameters",
+    "fit_regression_mixture",
+]
+
+VARIANCE_MODELS: tuple[str, ...] = ("component", "common")
+"""``"component"``: one $\\sigma_k$ per component (mixtools ``arbvar=TRUE``); ``"common"``: one shared $\\sigma$."""
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class RegressionMixtureParams(NamedTuple):
+    """Parameters of a $K$-component mixture of linear regressions on $p$ regressors.
+
+    Attributes
+    ----------
+    beta : array, shape (p, K)
+        Column ``k`` is $\\beta_k$.
+    sigma : array, shape (K,)
+        Standard deviations $\\sigma_k > 0$ (equal entries under ``variance="common"``).
+    weights : array, shape (K,)
+        Mixing proportions $\\lambda_k > 0$ (summing to 1 for a fit's starting values).
+    """
+
+    beta: Any
+    sigma: Any
+    weights: Any
+
+
+class RegressionMixtureGrads(NamedTuple):
+    """Cotangents of [`regression_mixture_loglik`][moeref.regression_mixture.regression_mixture_loglik]'s inputs."""
+
+    x: Any
+    y: Any
+    params: RegressionMixtureParams
+
+
+def _check_inputs(x: Any, y: Any, params: RegressionMixtureParams) -> Any:
+    if not isinstance(params, RegressionMixtureParams):
+        raise TypeError(f"params must be a RegressionMixtureParams record, got {type(params).__name__}")
+    xp = array_namespace(
+        x, y, params.beta, params.sigma, params.weights, names=("x", "y", "params.beta", "params.sigma", "params.weights")
+    )
+    check_float_array(x, "x", ndim=2)
+    check_float_array(y, "y", ndim=1)
+    check_float_array(params.beta, "params.beta", ndim=2)
+    N, p = x.shape
+    K = params.beta.shape[1]
+    check_shape(y, "y", (N,), what=f"x has N={N} rows")
+    check_shape(params.beta, "params.beta", (p, K), what=f"x has p={p} columns (regressors, intercept included)")
+    check_shape(params.sigma, "params.sigma", (K,), what=f"params.beta has K={K} components")
+    check_shape(params.weights, "params.weights", (K,), what=f"params.beta has K={K} components")
+    check_same_dtype({"x": x, "y": y, "params.beta": params.beta, "params.sigma": params.sigma, "params.weights": params.weights})
+    if concrete_bool(xp.all(params.sigma > 0)) is False:
+        raise ValueError("params.sigma must be positive (standard deviations)")
+    if concrete_bool(xp.all(params.weights >= 0)) is False:
+        raise ValueError("params.weights must be non-negative (mixing proportions)")
+    return xp
+
+
+def with_intercept(x: Any, /) -> Any:
+    """Prepend a column of ones: ``(N, d) -> (N, d + 1)`` (mixtools' ``addintercept = TRUE``).
+
+    A 1-D ``x`` of shape ``(N,)`` is treated as one regressor.
+    """
+    xp = array_namespace(x, names=("x",))
+    check_float_array(x, "x", ndim=(1, 2))
+    x2 = xp.reshape(x, (x.shape[0], 1)) if x.ndim == 1 else x
+    ones = xp.ones((x2.shape[0], 1), dtype=x2.dtype, device=device_of(x2))
+    return xp.concat([ones, x2], axis=1)
+
+
+def _log_weights(weights: Any, xp: Any) -> Any:
+    """$\\log\\lambda_k$ with $\\log 0 = -\\infty$ and no floating-point warning."""
+    positive = weights > 0
+    safe = xp.where(positive, weights, xp.ones_like(weights))
+    return xp.where(positive, xp.log(safe), xp.full_like(weights, -math.inf))
+
+
+def _residuals(x: Any, y: Any, beta: Any) -> Any:
+    return y[:, None] - x @ beta  # (N, K)
+
+
+def _component_logpdf(x: Any, y: Any, params: RegressionMixtureParams, xp: Any) -> Any:
+    """$\\log \\mathcal N(y_i \\mid x_i^\\top\\beta_k, \\sigma_k^2)$, shape (N, K) (inputs already checked)."""
+    z = _residuals(x, y, params.beta) / params.sigma  # (N, K)
+    return -xp.log(params.sigma) - _HALF_LOG_2PI - 0.5 * z * z
+
+
+def regression_mixture_log_joint(x: Any, y: Any, params: RegressionMixtureParams) -> Any:
+    r"""Log joint density of each sample and component label.
+
+    $$a_{ik} = \log\lambda_k + \log \mathcal N(y_i \mid x_i^\top\beta_k, \sigma_k^2)
+    = \log\lambda_k - \log\sigma_k - \tfrac12\log(2\pi) - \frac{(y_i - x_i^\top\beta_k)^2}{2\sigma_k^2}.$$
+
+    Parameters
+    ----------
+    x : array, shape (N, p)
+    y : array, shape (N,)
+    params : RegressionMixtureParams
+
+    Returns
+    -------
+    array, shape (N, K)
+        A zero weight gives $-\infty$ in its column.
+    """
+    xp = _check_inputs(x, y, params)
+    return _log_weights(params.weights, xp) + _component_logpdf(x, y, params, xp)  # (N, K)
+
+
+def regression_mixture_loglik(x: Any, y: Any, params: RegressionMixtureParams) -> Any:
+    r"""Per-sample log-likelihood of the mixture of regressions.
+
+    $$\ell_i = \log \sum_{k=1}^K \lambda_k\,\mathcal N(y_i \mid x_i^\top\beta_k, \sigma_k^2)
+    = \operatorname{lse}_k(a_{ik}),$$
+
+    eq. (12) of Benaglia et al. (2009), JSS 32(6), doi:10.18637/jss.v032.i06, evaluated in log space.
+    The observed-data log-likelihood is $L = \sum_i \ell_i$.
+
+    Parameters
+    ----------
+    x : array, shape (N, p)
+        Design matrix (intercept column included if wanted).
+    y : array, shape (N,)
+    params : RegressionMixtureParams
+
+    Returns
+    -------
+    array, shape (N,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.regression_mixture import RegressionMixtureParams, regression_mixture_loglik
+    >>> p = RegressionMixtureParams(np.zeros((1, 2)), np.ones(2), np.array([0.5, 0.5]))
+    >>> float(regression_mixture_loglik(np.ones((1, 1)), np.zeros(1), p)[0])  # log N(0 | 0, 1)
+    -0.9189385332046728
+    """
+    return logsumexp(regression_mixture_log_joint(x, y, params), axis=1)
+
+
+def regression_mixture_posteriors(x: Any, y: Any, params: RegressionMixtureParams) -> Any:
+    r"""Posterior component probabilities (responsibilities), computed in log space.
+
+    $$\tau_{ik} = \frac{\lambda_k\,\mathcal N(y_i \mid x_i^\top\beta_k, \sigma_k^2)}
+    {\sum_j \lambda_j\,\mathcal N(y_i \mid x_i^\top\beta_j, \sigma_j^2)} = \exp\big(a_{ik} - \ell_i\big),$$
+
+    eq. (13) of Benaglia et al. (2009), JSS 32(6), doi:10.18637/jss.v032.i06.
+
+    Returns
+    -------
+    array, shape (N, K)
+        Rows sum to 1.
+    """
+    a = regression_mixture_log_joint(x, y, params)  # (N, K)
+    xp = array_namespace(a)
+    return xp.exp(log_softmax(a, axis=1))
+
+
+def regression_mixture_loglik_vjp(
+    x: Any, y: Any, params: RegressionMixtureParams, cotangent: Any
+) -> RegressionMixtureGrads:
+    r"""VJP of [`regression_mixture_loglik`][moeref.regression_mixture.regression_mixture_loglik].
+
+    With $c_i$ the cotangent of $\ell_i$, $\bar a_{ik} = c_i \tau_{ik}$ (the gradient of log-sum-exp
+    is the softmax), $r_{ik} = y_i - x_i^\top\beta_k$ and $g_{ik} = \bar a_{ik} r_{ik} / \sigma_k^2$:
+
+    $$\bar\beta_k = \sum_i x_i\, g_{ik}, \qquad
+    \bar\sigma_k = \sum_i \bar a_{ik}\Big(\frac{r_{ik}^2}{\sigma_k^3} - \frac1{\sigma_k}\Big), \qquad
+    \bar\lambda_k = \sum_i c_i\, \frac{\mathcal N(y_i \mid x_i^\top\beta_k, \sigma_k^2)}{p(y_i \mid x_i)}
+    = \sum_i c_i\, e^{\log\mathcal N_{ik} - \ell_i},$$
+
+    $$\bar y_i = -\sum_k g_{ik}, \qquad \bar x_i = \sum_k g_{ik}\,\beta_k .$$
+
+    Notes
+    -----
+    The derivatives are taken with respect to the record's own fields, **sigma** (not
+    $\log\sigma$) and the **weights** $\lambda$ treated as free (not constrained to the simplex),
+    which is what autograd through the forward gives. For other parametrisations apply the chain
+    rule: $\overline{\log\sigma_k} = \sigma_k\bar\sigma_k$; for softmax logits $u$ with
+    $\lambda = \operatorname{softmax}(u)$, $\bar u = $ ``core.softmax_vjp(weights, weights_bar)``
+    $= \lambda \odot (\bar\lambda - \sum_j \lambda_j\bar\lambda_j)$. $\bar\lambda_k$ is computed
+    as $\sum_i c_i e^{\log\mathcal N_{ik} - \ell_i}$ rather than $\frac1{\lambda_k}\sum_i\bar a_{ik}$,
+    so it stays finite and correct at $\lambda_k = 0$ (where autograd through $\log\lambda_k$ gives NaN).
+
+    Parameters
+    ----------
+    x, y, params
+        As in the forward.
+    cotangent : array, shape (N,)
+
+    Returns
+    -------
+    RegressionMixtureGrads
+    """
+    xp = _check_inputs(x, y, params)
+    check_shape(cotangent, "cotangent", (x.shape[0],))
+    log_n = _component_logpdf(x, y, params, xp)  # (N, K)
+    a = _log_weights(params.weights, xp) + log_n  # (N, K)
+    ell = logsumexp(a, axis=1)  # (N,)
+    tau = xp.exp(log_softmax(a, axis=1))  # (N, K)
+    a_bar = cotangent[:, None] * tau  # (N, K)
+    r = _residuals(x, y, params.beta)  # (N, K)
+    var = params.sigma * params.sigma  # (K,)
+    g = a_bar * r / var  # (N, K)
+    beta_bar = xp.matrix_transpose(x) @ g  # (p, K)
+    sigma_bar = xp.sum(a_bar * (r * r / (var * params.sigma) - 1.0 / params.sigma), axis=0)  # (K,)
+    weights_bar = xp.sum(cotangent[:, None] * xp.exp(log_n - ell[:, None]), axis=0)  # (K,)
+    y_bar = -xp.sum(g, axis=1)  # (N,)
+    x_bar = g @ xp.matrix_transpose(params.beta)  # (N, p)
+    return RegressionMixtureGrads(
+        x=x_bar, y=y_bar, params=RegressionMixtureParams(beta=beta_bar, sigma=sigma_bar, weights=weights_bar)
+    )
+
+
+def regression_mixture_e_step(x: Any, y: Any, params: RegressionMixtureParams) -> EStep:
+    r"""E-step: $L = \sum_i \ell_i$ and $\log\tau_{ik} = a_{ik} - \ell_i$ (eq. (13), in log space)."""
+    a = regression_mixture_log_joint(x, y, params)  # (N, K)
+    xp = array_namespace(a)
+    ell = logsumexp(a, axis=1)  # (N,)
+    return EStep(loglik=xp.sum(ell), log_responsibilities=log_softmax(a, axis=1))
+
+
+def regression_mixture_m_step(
+    x: Any,
+    y: Any,
+    responsibilities: Any,
+    *,
+    variance: str = "component",
+    min_weight: float = 1e-8,
+    min_sigma: float = 1e-8,
+) -> RegressionMixtureParams:
+    r"""M-step: weighted least squares per component, ML variances, mean responsibilities.
+
+    With $W_k = \operatorname{diag}(\tau_{1k}, \dots, \tau_{Nk})$,
+
+    $$\lambda_k = \frac1N\sum_i \tau_{ik}, \qquad
+    \beta_k = (X^\top W_k X)^{-1} X^\top W_k y, \qquad
+    \sigma_k^2 = \frac{\sum_i \tau_{ik}\,(y_i - x_i^\top\beta_k)^2}{\sum_i \tau_{ik}},$$
+
+    eqs. (4), (14) and (15) of Benaglia et al. (2009), JSS 32(6), doi:10.18637/jss.v032.i06. With
+    ``variance="common"``, $\sigma^2 = \frac1N \sum_{i,k} \tau_{ik}(y_i - x_i^\top\beta_k)^2$ for every
+    component (mixtools' ``arbvar = FALSE``). $\beta_k$ comes from ``xp.linalg.solve`` on the normal
+    equations (mixtools calls ``lm``, a QR solve; the two agree to round-off on well-conditioned data).
+
+    Parameters
+    ----------
+    x : array, shape (N, p)
+    y : array, shape (N,)
+    responsibilities : array, shape (N, K)
+    variance : {"component", "common"}
+    min_weight : float
+        [`EmptyComponentError`][moeref.em.EmptyComponentError] if some $\lambda_k$ < ``min_weight``
+        (mixtools restarts when ``lambda.new < 1e-08``).
+    min_sigma : float
+        [`CollapsedVarianceError`][moeref.em.CollapsedVarianceError] if some $\sigma_k$ < ``min_sigma``
+        (mixtools restarts when ``s < 1e-08``).
+
+    Returns
+    -------
+    RegressionMixtureParams
+
+    Raises
+    ------
+    SingularWeightedLeastSquaresError
+        If $X^\top W_k X$ has a condition number above $1/(p\,\varepsilon)$ (a component whose
+        weighted design matrix is rank-deficient, e.g. fewer effective points than regressors).
+    """
+    check_choice(variance, "variance", VARIANCE_MODELS)
+    xp = array_namespace(x, y, responsibilities, names=("x", "y", "responsibilities"))
+    check_float_array(x, "x", ndim=2)
+    check_float_array(y, "y", ndim=1)
+    check_float_array(responsibilities, "responsibilities", ndim=2)
+    N, p = x.shape
+    K = responsibilities.shape[1]
+    check_shape(y, "y", (N,), what=f"x has N={N} rows")
+    check_shape(responsibilities, "responsibilities", (N, K), what=f"x has N={N} rows")
+    check_same_dtype({"x": x, "y": y, "responsibilities": responsibilities})
+    tau = responsibilities
+
+    weights = xp.mean(tau, axis=0)  # (K,)
+    # each degeneracy check is one host sync; the per-component loop only runs to name the culprit
+    if concrete_bool(xp.any(weights < min_weight)):
+        k = next(k for k in range(K) if concrete_bool(weights[k] < min_weight))
+        raise EmptyComponentError(
+            f"component {k} has mixing weight {float(weights[k]):.3e} < min_weight={min_weight:g} (it is empty)"
+        )
+
+    xw = xp.matrix_transpose(tau)[:, None, :] * xp.matrix_transpose(x)[None, :, :]  # (K, p, N) = X^T W_k
+    gram = xw @ x  # (K, p, p)
+    rhs = xw @ y[:, None]  # (K, p, 1)
+    eig = xp.linalg.eigvalsh(gram)  # (K, p), ascending
+    eps = float(xp.finfo(x.dtype).eps)
+    singular = (eig[:, p - 1] <= 0) | (eig[:, 0] <= eig[:, p - 1] * (p * eps))  # (K,)
+    if concrete_bool(xp.any(singular)):
+        k = next(k for k in range(K) if concrete_bool(singular[k]))
+        lo, hi = eig[k, 0], eig[k, p - 1]
+        raise SingularWeightedLeastSquaresError(
+            f"component {k}: the weighted Gram matrix X^T W X is singular to working precision "
+            f"(eigenvalues {float(lo):.3e} .. {float(hi):.3e}); the component has too few effective "
+            "points for its p regressors"
+        )
+    beta = xp.matrix_transpose(xp.reshape(xp.linalg.solve(gram, rhs), (K, p)))  # (p, K)
+
+    r = _residuals(x, y, beta)  # (N, K)
+    wss = xp.sum(tau * r * r, axis=0)  # (K,)
+    if variance == "component":
+        sigma = xp.sqrt(wss / xp.sum(tau, axis=0))  # (K,)
+    else:
+        s = xp.sqrt(xp.sum(wss) / N)
+        sigma = s * xp.ones((K,), dtype=x.dtype, device=device_of(x))  # (K,)
+    if concrete_bool(xp.any(sigma < min_sigma)):
+        k = next(k for k in range(K) if concrete_bool(sigma[k] < min_sigma))
+        raise CollapsedVarianceError(
+            f"component {k} has sigma {float(sigma[k]):.3e} < min_sigma={min_sigma:g}: its regression passes "
+            "through its points exactly and the likelihood is unbounded there"
+        )
+    return RegressionMixtureParams(beta=beta, sigma=sigma, weights=weights)
+
+
+def regression_mixture_n_free_parameters(n_regressors: int, n_components: int, *, variance: str = "component") -> int:
+    r"""Free parameters: $Kp$ coefficients, $K$ (or 1 common) variances and $K - 1$ weights."""
+    check_choice(variance, "variance", VARIANCE_MODELS)
+    return n_components * n_regressors + (n_components if variance == "component" else 1) + n_components - 1
+
+
+def fit_regression_mixture(
+    x: Any,
+    y: Any,
+    init: RegressionMixtureParams,
+    *,
+    variance: str = "component",
+    options: EMOptions = EMOptions(),
+    min_weight: float = 1e-8,
+    min_sigma: float = 1e-8,
+) -> EMResult:
+    r"""Fit a mixture of linear regressions by EM from explicit starting values.
+
+    Alternates the E-step (eq. (13) of Benaglia et al. 2009, in log space) and the M-step
+    (eqs. (4), (14), (15)) with [`run_em`][moeref.em.run_em]. Each iteration cannot lower the
+    log-likelihood (Dempster, Laird & Rubin 1977, Theorem 1); the driver checks that it does not.
+
+    Parameters
+    ----------
+    x : array, shape (N, p)
+        Design matrix; use [`with_intercept`][moeref.regression_mixture.with_intercept] for an intercept.
+    y : array, shape (N,)
+    init : RegressionMixtureParams
+        Starting values $\theta^{(0)}$; ``init.weights`` must sum to 1 (to 1e-6) and, under
+        ``variance="common"``, ``init.sigma`` must have equal entries.
+    variance : {"component", "common"}
+        Per-component $\sigma_k$ (mixtools' default ``arbvar = TRUE``) or one shared $\sigma$.
+    options : EMOptions
+        Stopping rule etc.; [`moeref.em.MIXTOOLS`][moeref.em.MIXTOOLS] reproduces ``regmixEM``'s rule.
+    min_weight, min_sigma : float
+        Degeneracy thresholds, see [`regression_mixture_m_step`][moeref.regression_mixture.regression_mixture_m_step].
+
+    Returns
+    -------
+    EMResult
+        ``params`` is a [`RegressionMixtureParams`][moeref.regression_mixture.RegressionMixtureParams].
+
+    Raises
+    ------
+    EmptyComponentError, CollapsedVarianceError, SingularWeightedLeastSquaresError, NonFiniteLogLikelihoodError
+        On a degenerate state. mixtools restarts from random values in these cases; moeref stops and
+        says why, so that a reference fit is never silently replaced by another one.
+
+    Examples
+    --------
+    The CO2 example of the mixtools vignette (Benaglia et al. 2009, Section 5.2):
+
+    >>> import numpy as np
+    >>> from moeref.datasets import load_dataset
+    >>> from moeref.em import MIXTOOLS
+    >>> from moeref.regression_mixture import RegressionMixtureParams, fit_regression_mixture, with_intercept
+    >>> co2 = load_dataset("co2data")
+    >>> init = RegressionMixtureParams(beta=np.array([[8.0, 1.0], [-1.0, 1.0]]),
+    ...                                sigma=np.array([2.0, 1.0]), weights=np.array([1.0, 3.0]) / 4)
+    >>> fit = fit_regression_mixture(with_intercept(co2["GNP"]), co2["CO2"], init, options=MIXTOOLS)
+    >>> fit.n_iter, round(fit.loglik, 5)
+    (10, -66.93977)
+    >>> np.round(fit.params.weights, 6).tolist()
+    [0.754921, 0.245079]
+    """
+    check_choice(variance, "variance", VARIANCE_MODELS)
+    xp = _check_inputs(x, y, init)
+    check_finite(x, "x")
+    check_finite(y, "y")
+    for name, arr in (("init.beta", init.beta), ("init.sigma", init.sigma), ("init.weights", init.weights)):
+        check_finite(arr, name)
+    if concrete_bool(xp.all(init.weights > 0)) is False:
+        raise ValueError("init.weights must be positive (a zero weight can never become positive under EM)")
+    total = float(xp.sum(init.weights))
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"init.weights must sum to 1, got sum {total!r}")
+    if variance == "common" and concrete_bool(xp.all(init.sigma == init.sigma[0])) is False:
+        raise ValueError('init.sigma must have equal entries when variance="common"')
+    for name, v in (("min_weight", min_weight), ("min_sigma", min_sigma)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+            raise ValueError(f"{name} must be a non-negative float, got {v!r}")
+    N, p = x.shape
+    K = init.beta.shape[1]
+
+    def e_step(params: RegressionMixtureParams) -> EStep:
+        return regression_mixture_e_step(x, y, params)
+
+    def m_step(params: RegressionMixtureParams, tau: Any) -> RegressionMixtureParams:
+        return regression_mixture_m_step(x, y, tau, variance=variance, min_weight=min_weight, min_sigma=min_sigma)
+
+    return run_em(
+        e_step,
+        m_step,
+        init,
+        n_samples=N,
+        n_free_parameters=regression_mixture_n_free_parameters(p, K, variance=variance),
+        options=options,
+    )
