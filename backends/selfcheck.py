@@ -15,7 +15,7 @@ import numpy as np
 
 import moeref
 from ._base import Backend
-from .gradcheck import finite_difference_vjp, leaves, relative_error
+from .gradcheck import finite_difference_vjp, relative_error
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,26 @@ def _gate(rng, d, n):
 
 def _experts(rng, n, d_in, d_out):
     return moeref.LinearExpertsParams(rng.normal(size=(n, d_in, d_out)), rng.normal(size=(n, d_out)))
+
+
+def _meta_pi(rng, N=5, d=3, n=3, d_out=2):
+    params = moeref.MetaPiParams(_gate(rng, d, n), _experts(rng, n, d, d_out))
+    return (rng.normal(size=(N, d)), params), rng.normal(size=(N, d_out))
+
+
+def _local_experts(rng, N=5, d=3, n=3, d_out=2):
+    params = moeref.LinearLocalExpertsParams(_gate(rng, d, n), _experts(rng, n, d, d_out))
+    return (rng.normal(size=(N, d)), rng.normal(size=(N, d_out)), params), rng.normal(size=N)
+
+
+def _hme(rng, N=5, d=3, branching=(2, 3), d_out=2):
+    nodes = np.cumprod((1,) + branching[:-1])
+    params = moeref.HMEParams(
+        tuple(rng.normal(size=(m, d, b)) for m, b in zip(nodes, branching)),
+        tuple(rng.normal(size=(m, b)) for m, b in zip(nodes, branching)),
+        _experts(rng, int(np.prod(branching)), d, d_out),
+    )
+    return (rng.normal(size=(N, d)), rng.normal(size=(N, d_out)), params), rng.normal(size=N)
 
 
 def _mos(rng, N=4, d=3, K=2, d_e=3, V=5):
@@ -84,6 +104,27 @@ CASES: list[Case] = [
         lambda rng: ((rng.dirichlet(np.ones(4), size=6), rng.normal(size=(6, 4, 2))), rng.normal(size=(6, 2))),
         moeref.hard_mixture,
         moeref.hard_mixture_vjp,
+    ),
+    Case(
+        "meta_pi",
+        "sum_i softmax(K^T x + b)_i (A_i x + c_i) (Hampshire & Waibel 1992)",
+        _meta_pi,
+        moeref.meta_pi,
+        moeref.meta_pi_vjp,
+    ),
+    Case(
+        "local_experts_log_likelihood",
+        "log sum_i w_i(x) N(y | A_i x + c_i, I) (Jacobs et al. 1991)",
+        _local_experts,
+        moeref.local_experts_log_likelihood,
+        moeref.local_experts_log_likelihood_vjp,
+    ),
+    Case(
+        "hme_log_likelihood",
+        "hierarchical MoE, branching (2, 3) (Jordan & Jacobs 1994)",
+        _hme,
+        moeref.hme_log_likelihood,
+        moeref.hme_log_likelihood_vjp,
     ),
     Case(
         "mixture_of_softmaxes",

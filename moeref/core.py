@@ -45,6 +45,7 @@ __all__ = [
     "take_along_axis",
     "inverse_permutation",
     "segment_sum",
+    "tree_add_scaled",
 ]
 
 
@@ -386,3 +387,15 @@ def segment_sum(values: Any, segment_ids: Any, num_segments: int, /) -> Any:
     totals = xp.take(acc, last, axis=0)
     nonempty = xp.reshape(end > start, (num_segments,) + trailing)
     return xp.where(nonempty, totals, xp.zeros_like(totals))
+
+
+def tree_add_scaled(params: Any, grads: Any, step: float) -> Any:
+    """``params + step * grads`` leaf by leaf over nested tuples / NamedTuples (no mutation).
+
+    The update of plain gradient ascent (``step > 0``) or descent (``step < 0``) on a parameter record.
+    """
+    if isinstance(params, tuple):
+        return type(params)(*(tree_add_scaled(p, g, step) for p, g in zip(params, grads))) if hasattr(params, "_fields") else tuple(
+            tree_add_scaled(p, g, step) for p, g in zip(params, grads)
+        )
+    return params + step * grads

@@ -11,6 +11,7 @@ always run.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from .core import array_namespace
@@ -21,6 +22,7 @@ __all__ = [
     "check_same_dtype",
     "check_finite",
     "check_positive_int",
+    "check_positive_float",
     "check_choice",
     "concrete_bool",
 ]
@@ -89,6 +91,15 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1, maximum: int 
         hi = "" if maximum is None else f" and at most {maximum}"
         raise ValueError(f"{name} must be at least {minimum}{hi}, got {value}")
     return value
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    """Check that ``value`` is a finite positive Python number (a step size, a variance); return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
