@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .core import array_namespace
-from .validation import check_float_array, check_same_dtype, check_shape
+from .validation import check_finite, check_float_array, check_same_dtype, check_shape
 
 __all__ = ["LinearExpertsParams", "LinearExpertsGrads", "linear_experts", "linear_experts_vjp"]
 
@@ -43,6 +43,8 @@ def _check_experts(x: Any, params: LinearExpertsParams) -> Any:
     check_shape(params.weight, "params.weight", (n, x.shape[1], d_out), what=f"x has d_in={x.shape[1]} features")
     check_shape(params.bias, "params.bias", (n, d_out), what=f"params.weight holds n={n} experts with d_out={d_out}")
     check_same_dtype({"x": x, "params.weight": params.weight, "params.bias": params.bias})
+    for name, a in (("x", x), ("params.weight", params.weight), ("params.bias", params.bias)):
+        check_finite(a, name)
     return xp
 
 

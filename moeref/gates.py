@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .core import array_namespace, log_softmax, softmax, softmax_vjp
-from .validation import check_float_array, check_same_dtype, check_shape
+from .validation import check_finite, check_float_array, check_same_dtype, check_shape
 
 __all__ = [
     "LinearSoftmaxGateParams",
@@ -51,6 +51,9 @@ def _check_gate(x: Any, params: LinearSoftmaxGateParams) -> Any:
     check_shape(params.weight, "params.weight", (d, n), what=f"x has d={d} features")
     check_shape(params.bias, "params.bias", (n,), what=f"params.weight has n={n} experts")
     check_same_dtype({"x": x, "params.weight": params.weight, "params.bias": params.bias})
+    check_finite(x, "x")
+    check_finite(params.weight, "params.weight")
+    check_finite(params.bias, "params.bias", allow_neg_inf=True)  # -inf switches an expert off
     return xp
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .core import argmax, array_namespace, one_hot
-from .validation import check_float_array, check_same_dtype, check_shape
+from .validation import check_finite, check_float_array, check_same_dtype, check_shape
 
 __all__ = ["MixtureGrads", "mixture", "mixture_vjp", "hard_mixture", "hard_mixture_vjp"]
 
@@ -31,6 +31,8 @@ def _check_mixture(gates: Any, expert_outputs: Any) -> Any:
         expert_outputs, "expert_outputs", (N, n, None), what=f"gates has N={N} rows and n={n} gate outputs, one per expert"
     )
     check_same_dtype({"gates": gates, "expert_outputs": expert_outputs})
+    check_finite(gates, "gates")
+    check_finite(expert_outputs, "expert_outputs")
     return xp
 
 

@@ -75,11 +75,18 @@ def concrete_bool(value: Any) -> bool | None:
         raise
 
 
-def check_finite(x: Any, name: str) -> Any:
-    """Raise if ``x`` has a NaN or an infinity (skipped for traced values)."""
+def check_finite(x: Any, name: str, *, allow_neg_inf: bool = False) -> Any:
+    """Raise if ``x`` has a NaN or an infinity (skipped for traced values).
+
+    With ``allow_neg_inf=True``, $-\\infty$ entries are accepted (a masked logit or bias).
+    """
     xp = array_namespace(x, names=(name,))
-    if concrete_bool(xp.all(xp.isfinite(x))) is False:
-        raise ValueError(f"{name} contains NaN or infinite values; this formulation needs finite input")
+    ok = xp.isfinite(x)
+    if allow_neg_inf:
+        ok = ok | (xp.isinf(x) & (x < 0))
+    if concrete_bool(xp.all(ok)) is False:
+        allowed = "finite or -inf" if allow_neg_inf else "finite"
+        raise ValueError(f"{name} contains NaN or infinite values; this formulation needs {allowed} input")
     return x
 
 

@@ -110,6 +110,14 @@ def test_bad_input_names_the_argument(rng):
         mixture(g, f[:, :, 0])
     with pytest.raises(ValueError, match=r"params.weight has shape \(5, 3\) but \(2, 3\) was expected"):
         linear_softmax_gate(rng.normal(size=(4, 2)), LinearSoftmaxGateParams(rng.normal(size=(5, 3)), np.zeros(3)))
+    with pytest.raises(ValueError, match="gates contains NaN"):
+        mixture(np.full_like(g, np.nan), f)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        linear_experts(np.full((4, 3), np.inf), _expert_params(rng, 3, 3, 2))
+    with pytest.raises(ValueError, match="params.bias contains NaN or infinite values; this formulation needs finite or -inf"):
+        linear_softmax_gate(rng.normal(size=(4, 2)), LinearSoftmaxGateParams(rng.normal(size=(2, 3)), np.array([0.0, np.nan, 0.0])))
+    masked = linear_softmax_gate(rng.normal(size=(4, 2)), LinearSoftmaxGateParams(rng.normal(size=(2, 3)), np.array([0.0, -np.inf, 0.0])))
+    assert np.all(masked[:, 1] == 0)  # a -inf bias switches an expert off
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="different array libraries"):
         mixture(g, torch.from_numpy(f))
