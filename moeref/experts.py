@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core import array_namespace
-from .validation import check_finite, check_float_array, check_same_dtype, check_shape
+from .validation import check_arrays, check_experts_params, check_float_array, check_shape
 
 __all__ = ["LinearExpertsParams", "LinearExpertsGrads", "linear_experts", "linear_experts_vjp"]
 
@@ -36,15 +35,9 @@ class LinearExpertsGrads(NamedTuple):
 
 
 def _check_experts(x: Any, params: LinearExpertsParams) -> Any:
-    xp = array_namespace(x, params.weight, params.bias, names=("x", "params.weight", "params.bias"))
+    xp = check_arrays({"x": x, "params.weight": params.weight, "params.bias": params.bias})
     check_float_array(x, "x", ndim=2)
-    check_float_array(params.weight, "params.weight", ndim=3)
-    n, d_in, d_out = params.weight.shape
-    check_shape(params.weight, "params.weight", (n, x.shape[1], d_out), what=f"x has d_in={x.shape[1]} features")
-    check_shape(params.bias, "params.bias", (n, d_out), what=f"params.weight holds n={n} experts with d_out={d_out}")
-    check_same_dtype({"x": x, "params.weight": params.weight, "params.bias": params.bias})
-    for name, a in (("x", x), ("params.weight", params.weight), ("params.bias", params.bias)):
-        check_finite(a, name)
+    check_experts_params(params.weight, params.bias, x.shape[1])
     return xp
 
 

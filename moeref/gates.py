@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core import array_namespace, log_softmax, softmax, softmax_vjp
-from .validation import check_finite, check_float_array, check_same_dtype, check_shape
+from .core import log_softmax, softmax, softmax_vjp
+from .validation import check_arrays, check_float_array, check_gate_params, check_shape
 
 __all__ = [
     "LinearSoftmaxGateParams",
@@ -43,17 +43,10 @@ class LinearSoftmaxGateGrads(NamedTuple):
 
 
 def _check_gate(x: Any, params: LinearSoftmaxGateParams) -> Any:
-    xp = array_namespace(x, params.weight, params.bias, names=("x", "params.weight", "params.bias"))
+    # a -inf bias switches an expert off
+    xp = check_arrays({"x": x, "params.weight": params.weight, "params.bias": params.bias}, neg_inf_ok=("params.bias",))
     check_float_array(x, "x", ndim=2)
-    check_float_array(params.weight, "params.weight", ndim=2)
-    d = x.shape[1]
-    n = params.weight.shape[1]
-    check_shape(params.weight, "params.weight", (d, n), what=f"x has d={d} features")
-    check_shape(params.bias, "params.bias", (n,), what=f"params.weight has n={n} experts")
-    check_same_dtype({"x": x, "params.weight": params.weight, "params.bias": params.bias})
-    check_finite(x, "x")
-    check_finite(params.weight, "params.weight")
-    check_finite(params.bias, "params.bias", allow_neg_inf=True)  # -inf switches an expert off
+    check_gate_params(params.weight, params.bias, x.shape[1])
     return xp
 
 

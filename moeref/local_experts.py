@@ -28,11 +28,13 @@ from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
 from .gates import LinearSoftmaxGateParams, linear_softmax_gate_logits, linear_softmax_gate_vjp
 from .mixture import mixture, mixture_vjp
 from .validation import (
-    check_finite,
+    check_arrays,
+    check_experts_params,
     check_float_array,
+    check_gate_params,
     check_positive_float,
     check_positive_int,
-    check_same_dtype,
+    check_record_type,
     check_shape,
 )
 
@@ -124,64 +126,30 @@ class LocalExpertsFit(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_variance(variance: Any) -> float:
-    if isinstance(variance, bool) or not isinstance(variance, (int, float)):
-        raise TypeError(f"variance must be a Python float (a fixed constant), got {type(variance).__name__} {variance!r}")
-    if not math.isfinite(variance) or variance <= 0:
-        raise ValueError(f"variance must be a finite positive number, got {variance!r}")
-    return float(variance)
-
-
-def _named_arrays(x: Any, y: Any, params: Any) -> dict[str, Any]:
-    if not isinstance(params, (LocalExpertsParams, LinearLocalExpertsParams)):
-        raise TypeError(
-            "params must be a LocalExpertsParams (constant means) or a LinearLocalExpertsParams "
-            f"(affine means), got {type(params).__name__}"
-        )
-    if not isinstance(params.gate, LinearSoftmaxGateParams):
-        raise TypeError(f"params.gate must be a LinearSoftmaxGateParams, got {type(params.gate).__name__}")
+def _check_local_experts(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
+    """Validate ``(x, y, params)``; ``y`` may be ``None``. Returns the namespace."""
+    check_record_type(params, "params", (LocalExpertsParams, LinearLocalExpertsParams))
+    check_record_type(params.gate, "params.gate", LinearSoftmaxGateParams)
     named = {"x": x, "y": y, "params.gate.weight": params.gate.weight, "params.gate.bias": params.gate.bias}
     if isinstance(params, LocalExpertsParams):
         named["params.means"] = params.means
     else:
-        if not isinstance(params.experts, LinearExpertsParams):
-            raise TypeError(f"params.experts must be a LinearExpertsParams, got {type(params.experts).__name__}")
+        check_record_type(params.experts, "params.experts", LinearExpertsParams)
         named["params.experts.weight"] = params.experts.weight
         named["params.experts.bias"] = params.experts.bias
-    return {k: v for k, v in named.items() if v is not None}
-
-
-def _check_local_experts(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
-    """Validate ``(x, y, params)``; ``y`` may be ``None``. Returns the namespace."""
-    named = _named_arrays(x, y, params)
-    xp = array_namespace(*named.values(), names=tuple(named))
+    xp = check_arrays(named, finite=finite)
     check_float_array(x, "x", ndim=2)
     N, d_in = x.shape
-    gw, gb = params.gate.weight, params.gate.bias
-    check_float_array(gw, "params.gate.weight", ndim=2)
-    check_shape(gw, "params.gate.weight", (d_in, None), what=f"x has d_in={d_in} features")
-    n = gw.shape[1]
-    check_float_array(gb, "params.gate.bias", ndim=1)
-    check_shape(gb, "params.gate.bias", (n,), what=f"params.gate.weight has n={n} gate outputs")
-    one_per_expert = f"the gate has n={n} outputs, one per expert"
+    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name="params.gate")
     if isinstance(params, LocalExpertsParams):
         check_float_array(params.means, "params.means", ndim=2)
-        check_shape(params.means, "params.means", (n, None), what=one_per_expert)
+        check_shape(params.means, "params.means", (n, None), what=f"the gate has n={n} outputs, one per expert")
         d_out = params.means.shape[1]
     else:
-        ew, eb = params.experts.weight, params.experts.bias
-        check_float_array(ew, "params.experts.weight", ndim=3)
-        check_shape(ew, "params.experts.weight", (n, d_in, None), what=f"{one_per_expert}; x has d_in={d_in} features")
-        d_out = ew.shape[2]
-        check_float_array(eb, "params.experts.bias", ndim=2)
-        check_shape(eb, "params.experts.bias", (n, d_out), what=f"params.experts.weight has d_out={d_out}")
+        _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name="params.experts")
     if y is not None:
         check_float_array(y, "y", ndim=2)
         check_shape(y, "y", (N, d_out), what=f"x has N={N} rows and the experts have d_out={d_out} outputs")
-    check_same_dtype(named)
-    if finite:
-        for name, a in named.items():
-            check_finite(a, name)
     return xp
 
 
@@ -320,7 +288,7 @@ def local_experts_log_likelihood(x: Any, y: Any, params: AnyLocalExpertsParams, 
     >>> bool(np.isclose(ll[0], np.log(0.5 * (1 + np.exp(-2.0)) / np.sqrt(2 * np.pi))))
     True
     """
-    variance = _check_variance(variance)
+    variance = check_positive_float(variance, "variance")
     xp = _check_local_experts(x, y, params)
     _, _, log_joint = _log_joint(x, y, params, variance, xp)
     return logsumexp(log_joint, axis=1)  # (N,)
@@ -362,7 +330,7 @@ def local_experts_posteriors(x: Any, y: Any, params: AnyLocalExpertsParams, *, v
     >>> local_experts_posteriors(np.zeros((1, 1)), np.array([[1.0]]), p).tolist()
     [[0.5, 0.5]]
     """
-    variance = _check_variance(variance)
+    variance = check_positive_float(variance, "variance")
     xp = _check_local_experts(x, y, params)
     _, _, log_joint = _log_joint(x, y, params, variance, xp)
     return softmax(log_joint, axis=1)  # (N, n)
@@ -410,7 +378,7 @@ def local_experts_log_likelihood_vjp(
     >>> g.params.means.tolist()  # h = (1/2, 1/2), y - mu = (1, -1)
     [[0.5], [-0.5]]
     """
-    variance = _check_variance(variance)
+    variance = check_positive_float(variance, "variance")
     xp = _check_local_experts(x, y, params)
     array_namespace(x, cotangent, names=("x", "cotangent"))
     check_float_array(cotangent, "cotangent", ndim=1)
@@ -538,7 +506,7 @@ def fit_local_experts(
     >>> bool(fit.log_likelihood[-1] > fit.log_likelihood[0])
     True
     """
-    variance = _check_variance(variance)
+    variance = check_positive_float(variance, "variance")
     learning_rate = check_positive_float(learning_rate, "learning_rate")
     steps = check_positive_int(steps, "steps", minimum=0)
     xp = _check_local_experts(x, y, init_params)

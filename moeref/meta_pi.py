@@ -24,11 +24,13 @@ from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
 from .gates import LinearSoftmaxGateParams, linear_softmax_gate_logits, linear_softmax_gate_vjp
 from .mixture import mixture, mixture_vjp
 from .validation import (
-    check_finite,
+    check_arrays,
+    check_experts_params,
     check_float_array,
+    check_gate_params,
     check_positive_float,
     check_positive_int,
-    check_same_dtype,
+    check_record_type,
     check_shape,
 )
 
@@ -121,45 +123,27 @@ class MetaPiFit(NamedTuple):
 
 def _check_meta_pi(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
     """Validate ``(x, y, params)``; ``y`` may be ``None``. Returns the namespace."""
-    if not isinstance(params, MetaPiParams):
-        raise TypeError(f"params must be a MetaPiParams, got {type(params).__name__}")
-    if not isinstance(params.gate, LinearSoftmaxGateParams):
-        raise TypeError(f"params.gate must be a LinearSoftmaxGateParams, got {type(params.gate).__name__}")
-    if not isinstance(params.experts, LinearExpertsParams):
-        raise TypeError(f"params.experts must be a LinearExpertsParams, got {type(params.experts).__name__}")
-    named = {
-        "x": x,
-        "y": y,
-        "params.gate.weight": params.gate.weight,
-        "params.gate.bias": params.gate.bias,
-        "params.experts.weight": params.experts.weight,
-        "params.experts.bias": params.experts.bias,
-    }
-    named = {k: v for k, v in named.items() if v is not None}
-    xp = array_namespace(*named.values(), names=tuple(named))
+    check_record_type(params, "params", MetaPiParams)
+    check_record_type(params.gate, "params.gate", LinearSoftmaxGateParams)
+    check_record_type(params.experts, "params.experts", LinearExpertsParams)
+    xp = check_arrays(
+        {
+            "x": x,
+            "y": y,
+            "params.gate.weight": params.gate.weight,
+            "params.gate.bias": params.gate.bias,
+            "params.experts.weight": params.experts.weight,
+            "params.experts.bias": params.experts.bias,
+        },
+        finite=finite,
+    )
     check_float_array(x, "x", ndim=2)
     N, d_in = x.shape
-    gw, gb, ew, eb = params.gate.weight, params.gate.bias, params.experts.weight, params.experts.bias
-    check_float_array(gw, "params.gate.weight", ndim=2)
-    check_shape(gw, "params.gate.weight", (d_in, None), what=f"x has d_in={d_in} features")
-    n = gw.shape[1]
-    check_float_array(gb, "params.gate.bias", ndim=1)
-    check_shape(gb, "params.gate.bias", (n,), what=f"params.gate.weight has n={n} gate outputs")
-    check_float_array(ew, "params.experts.weight", ndim=3)
-    check_shape(
-        ew, "params.experts.weight", (n, d_in, None),
-        what=f"the gate has n={n} outputs, one per expert; x has d_in={d_in} features",
-    )
-    d_out = ew.shape[2]
-    check_float_array(eb, "params.experts.bias", ndim=2)
-    check_shape(eb, "params.experts.bias", (n, d_out), what=f"params.experts.weight has d_out={d_out}")
+    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name="params.gate")
+    _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name="params.experts")
     if y is not None:
         check_float_array(y, "y", ndim=2)
         check_shape(y, "y", (N, d_out), what=f"x has N={N} rows and the experts have d_out={d_out} outputs")
-    check_same_dtype(named)
-    if finite:
-        for name, a in named.items():
-            check_finite(a, name)
     return xp
 
 

@@ -17,6 +17,10 @@ from typing import Any, Sequence
 from .core import array_namespace
 
 __all__ = [
+    "check_arrays",
+    "check_record_type",
+    "check_gate_params",
+    "check_experts_params",
     "check_float_array",
     "check_shape",
     "check_same_dtype",
@@ -114,3 +118,53 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
     return value
+
+
+def check_arrays(named: dict[str, Any], *, finite: bool = True, neg_inf_ok: Sequence[str] = ()) -> Any:
+    """Check the arrays of one call together; return their namespace.
+
+    ``None`` entries are dropped. Every array must come from one library and have one real
+    floating-point dtype; with ``finite=True`` every value must be finite (``-inf`` allowed for the
+    names in ``neg_inf_ok``, e.g. a bias that switches an expert off).
+    """
+    named = {k: v for k, v in named.items() if v is not None}
+    xp = array_namespace(*named.values(), names=tuple(named))
+    for name, a in named.items():
+        check_float_array(a, name)
+    check_same_dtype(named)
+    if finite:
+        for name, a in named.items():
+            check_finite(a, name, allow_neg_inf=name in neg_inf_ok)
+    return xp
+
+
+def check_record_type(value: Any, name: str, expected: type | tuple[type, ...]) -> Any:
+    """Check that a parameter record has the expected NamedTuple type."""
+    if not isinstance(value, expected):
+        want = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        raise TypeError(f"{name} must be a {want}, got {type(value).__name__}")
+    return value
+
+
+def check_gate_params(weight: Any, bias: Any, d_in: int, *, name: str = "params") -> int:
+    """Shapes of a linear gate over ``n`` experts: weight (d_in, n), bias (n,). Returns ``n``."""
+    check_float_array(weight, f"{name}.weight", ndim=2)
+    check_shape(weight, f"{name}.weight", (d_in, None), what=f"x has d_in={d_in} features")
+    n = weight.shape[1]
+    check_float_array(bias, f"{name}.bias", ndim=1)
+    check_shape(bias, f"{name}.bias", (n,), what=f"{name}.weight has n={n} experts")
+    return n
+
+
+def check_experts_params(weight: Any, bias: Any, d_in: int, *, n: int | None = None, name: str = "params") -> tuple[int, int]:
+    """Shapes of ``n`` affine experts: weight (n, d_in, d_out), bias (n, d_out). Returns ``(n, d_out)``.
+
+    When ``n`` is given (the number of gate outputs) the expert count must match it.
+    """
+    check_float_array(weight, f"{name}.weight", ndim=3)
+    what = f"x has d_in={d_in} features" if n is None else f"the gate has n={n} outputs, one per expert; x has d_in={d_in} features"
+    check_shape(weight, f"{name}.weight", (n, d_in, None), what=what)
+    n, _, d_out = weight.shape
+    check_float_array(bias, f"{name}.bias", ndim=2)
+    check_shape(bias, f"{name}.bias", (n, d_out), what=f"{name}.weight holds n={n} experts with d_out={d_out}")
+    return n, d_out

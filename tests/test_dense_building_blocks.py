@@ -108,7 +108,7 @@ def test_bad_input_names_the_argument(rng):
         mixture(g.astype(np.float32), f)
     with pytest.raises(ValueError, match="expert_outputs must be 3-dimensional"):
         mixture(g, f[:, :, 0])
-    with pytest.raises(ValueError, match=r"params.weight has shape \(5, 3\) but \(2, 3\) was expected"):
+    with pytest.raises(ValueError, match=r"params.weight has shape \(5, 3\) but \(2, \*\) was expected \(x has d_in=2 features\)"):
         linear_softmax_gate(rng.normal(size=(4, 2)), LinearSoftmaxGateParams(rng.normal(size=(5, 3)), np.zeros(3)))
     with pytest.raises(ValueError, match="gates contains NaN"):
         mixture(np.full_like(g, np.nan), f)
