@@ -9,7 +9,29 @@ written once in array-API math, so NumPy, CuPy, PyTorch, JAX and array-api-stric
 """
 
 from ._version import __version__
-from . import core, datasets, em, regression_mixture
+from . import (
+    aux_losses,
+    capacity,
+    constant_gate,
+    core,
+    datasets,
+    dispatch,
+    em,
+    expert_ffn,
+    families,
+    gaussian_experts,
+    gaussian_gate,
+    glm_experts,
+    hme_em,
+    laplace_experts,
+    moe_em,
+    regression_mixture,
+    router,
+    routes,
+    softmax_gate,
+    special,
+    t_experts,
+)
 from .experts import LinearExpertsGrads, LinearExpertsParams, linear_experts, linear_experts_vjp
 from .gates import (
     LinearSoftmaxGateGrads,
@@ -82,10 +104,28 @@ from .deep_moe import (
 
 __all__ = [
     "__version__",
+    # modules
+    "aux_losses",
+    "capacity",
+    "constant_gate",
     "core",
     "datasets",
+    "dispatch",
     "em",
+    "expert_ffn",
+    "families",
+    "gaussian_experts",
+    "gaussian_gate",
+    "glm_experts",
+    "hme_em",
+    "laplace_experts",
+    "moe_em",
     "regression_mixture",
+    "router",
+    "routes",
+    "softmax_gate",
+    "special",
+    "t_experts",
     # building blocks
     "LinearSoftmaxGateParams",
     "LinearSoftmaxGateGrads",

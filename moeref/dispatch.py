@@ -1,0 +1,485 @@
+r"""Sorted dispatch and combine: send each kept route's token to its expert, weight and sum the outputs.
+
+Given the routing record `Routes` (`moeref.routes`) of $T$ tokens with $k$ routes each,
+the layer output is
+
+$$y_t = \sum_{j=0}^{k-1} [\mathrm{kept}_{tj}]\; w_{tj}\, \mathrm{FFN}_{e_{tj}}(x_t),$$
+
+eq. (1) of Shazeer et al. (2017), "Outrageously Large Neural Networks: The Sparsely-Gated
+Mixture-of-Experts Layer", ICLR, arXiv:1701.06538, restricted to the routes that survived the
+capacity limit. [`dispatch_combine`][moeref.dispatch.dispatch_combine] computes it the way
+dropless implementations do (MegaBlocks, Gale et al. 2023, arXiv:2211.15841; transformers'
+``grouped_mm`` experts): sort the kept routes by expert, gather their tokens into one contiguous
+buffer, run one matmul chain per expert on its block, and combine back through the inverse
+permutation. Memory is $O(T k d)$ plus one expert's activations; no $(T, E, C)$ tensor is ever
+formed.
+
+The GShard einsum form (dispatch and combine tensors of shape $(T, E, C)$) is kept for inspection
+only: [`dense_dispatch_tensors`][moeref.dispatch.dense_dispatch_tensors],
+[`dense_dispatch_combine`][moeref.dispatch.dense_dispatch_combine].
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .core import array_namespace, device_of, inverse_permutation, one_hot
+from .expert_ffn import (
+    ExpertFFN,
+    ExpertFFNParams,
+    _expert_slice,
+    _ffn_backward,
+    _ffn_forward,
+    _named_params,
+    _stack_expert_grads,
+    batched_expert_ffn,
+    check_expert_ffn_params,
+)
+from .routes import Routes
+from .validation import (
+    check_arrays,
+    check_choice,
+    check_float_array,
+    check_positive_int,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
+
+__all__ = [
+    "WEIGHT_PLACEMENTS",
+    "DispatchCombineGrads",
+    "DenseDispatch",
+    "dispatch_combine",
+    "dispatch_combine_vjp",
+    "dense_dispatch_tensors",
+    "dense_dispatch_combine",
+]
+
+WEIGHT_PLACEMENTS = ("output", "input")
+"""Values of ``apply_weight_to``: where the route weight $w_{tj}$ multiplies."""
+
+
+class DispatchCombineGrads(NamedTuple):
+    """Cotangents of [`dispatch_combine`][moeref.dispatch.dispatch_combine]'s inputs.
+
+    Attributes
+    ----------
+    x : array, shape (T, d)
+    routes : Routes
+        Only ``weight`` (shape (T, k)) is differentiable; ``expert_index``, ``kept`` and
+        ``position`` are ``None``. A dropped route's weight cotangent is 0.
+    experts : ExpertFFNParams
+        Same record as the parameters (``None`` where a parameter is ``None``); zeros for an
+        expert that received no token.
+    """
+
+    x: Any
+    routes: Routes
+    experts: ExpertFFNParams
+
+
+class DenseDispatch(NamedTuple):
+    """The GShard dispatch and combine tensors (inspection form, memory $O(TEC)$).
+
+    Attributes
+    ----------
+    dispatch : array, shape (T, E, C)
+        1 where token $t$ sits in slot $c$ of expert $e$ (a kept route), else 0; in the weight's
+        dtype (``dispatch > 0`` is GShard's boolean ``dispatch_mask``).
+    combine : array, shape (T, E, C)
+        $w_{tj}$ at the same place, else 0 (GShard's ``combine_weights``).
+    """
+
+    dispatch: Any
+    combine: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_routes(routes: Any, T: int | None, xp: Any) -> tuple[int, int]:
+    """Types and shapes of a Routes record for ``T`` tokens; returns ``(T, k)``."""
+    check_record_type(routes, "routes", Routes)
+    e = routes.expert_index
+    if e.ndim != 2:
+        raise ValueError(f"routes.expert_index must be 2-dimensional (T, k), got shape {tuple(e.shape)}")
+    if T is not None:
+        check_shape(e, "routes.expert_index", (T, None), what=f"x has T={T} tokens")
+    T, k = e.shape
+    for name in ("expert_index", "position"):
+        a = getattr(routes, name)
+        if not xp.isdtype(a.dtype, "integral"):
+            raise TypeError(f"routes.{name} must have an integer dtype (int64), got {a.dtype}")
+    if not xp.isdtype(routes.kept.dtype, "bool"):
+        raise TypeError(f"routes.kept must be a bool array, got {routes.kept.dtype}")
+    check_float_array(routes.weight, "routes.weight")
+    for name in ("weight", "kept", "position"):
+        check_shape(getattr(routes, name), f"routes.{name}", (T, k), what=f"routes.expert_index has shape ({T}, {k})")
+    return T, k
+
+
+def _check_kept_range(values: Any, kept: Any, bound: int, name: str, what: str, xp: Any) -> None:
+    """Every kept route's ``values`` must lie in ``[0, bound)`` (skipped when traced)."""
+    bad = kept & ((values < 0) | (values >= bound))
+    if concrete_bool(xp.any(bad)) is True:
+        zero = xp.zeros_like(values)
+        lo = int(xp.min(xp.where(kept, values, zero)))
+        hi = int(xp.max(xp.where(kept, values, zero)))
+        raise ValueError(f"{name} of the kept routes must lie in [0, {bound}) ({what}); found values in [{lo}, {hi}]")
+
+
+def _check_call(x: Any, routes: Any, experts: Any, ffn: Any, apply_weight_to: str) -> tuple[Any, int, int, int]:
+    check_record_type(routes, "routes", Routes)
+    check_record_type(experts, "experts", ExpertFFNParams)
+    check_record_type(ffn, "ffn", ExpertFFN)
+    check_choice(apply_weight_to, "apply_weight_to", WEIGHT_PLACEMENTS)
+    names = ("x",) + tuple(f"routes.{f}" for f in Routes._fields) + tuple(f"experts.{f}" for f in ExpertFFNParams._fields)
+    xp = array_namespace(x, *routes, *experts, names=names)
+    check_float_array(x, "x", ndim=2)
+    T, k = _check_routes(routes, x.shape[0], xp)
+    check_arrays({"x": x, "routes.weight": routes.weight, **_named_params(experts)})
+    E, _, _ = check_expert_ffn_params(experts, ffn, d=x.shape[1])
+    _check_kept_range(routes.expert_index, routes.kept, E, "routes.expert_index", f"experts holds E={E} experts", xp)
+    return xp, T, k, E
+
+
+# --------------------------------------------------------------------------------------------
+# The sort: kept routes grouped by expert, contiguous blocks [start_e, end_e)
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    bounds: list  # E + 1 Python ints: expert e owns sorted rows [bounds[e], bounds[e + 1])
+    token: Any  # (R,) token of each sorted row
+    weight: Any  # (R,) route weight of each sorted row
+    combine_row: Any  # (T, k) sorted row of each route; R (the zero row) for a dropped route
+
+
+def _plan(routes: Routes, E: int, xp: Any) -> _Plan:
+    T, k = routes.expert_index.shape
+    n = T * k
+    dev = device_of(routes.expert_index)
+    e = xp.reshape(xp.astype(routes.expert_index, xp.int64), (n,))  # (T*k,) flat route t*k + j
+    kept = xp.reshape(routes.kept, (n,))  # (T*k,)
+    key = xp.where(kept, e, xp.full_like(e, E))  # (T*k,) dropped routes get key E: sorted to the end
+    order = xp.astype(xp.argsort(key, stable=True), xp.int64)  # (T*k,) sorted row -> flat route
+    edges = xp.searchsorted(xp.take(key, order, axis=0), xp.arange(E + 1, dtype=xp.int64, device=dev), side="left")  # (E+1,)
+    bounds = [int(edges[i]) for i in range(E + 1)]
+    R = bounds[E]  # number of kept routes
+    rows = order[:R]  # (R,)
+    token = rows // k  # (R,)
+    weight = xp.take(xp.reshape(routes.weight, (n,)), rows, axis=0)  # (R,)
+    inv = inverse_permutation(order)  # (T*k,) flat route -> sorted row
+    combine_row = xp.reshape(xp.where(inv < R, inv, xp.full_like(inv, R)), (T, k))  # (T, k)
+    return _Plan(bounds, token, weight, combine_row)
+
+
+def _combine(blocks: list, plan: _Plan, width: int, like: Any, xp: Any) -> Any:
+    """``out[t] = sum_j buffer[combine_row[t, j]]`` with the zero row appended: a gather, no scatter."""
+    zero = xp.zeros((1, width), dtype=like.dtype, device=device_of(like))
+    buffer = xp.concat(blocks + [zero], axis=0)  # (R+1, width)
+    k = plan.combine_row.shape[1]
+    out = xp.take(buffer, plan.combine_row[:, 0], axis=0)  # (T, width)
+    for j in range(1, k):
+        out = out + xp.take(buffer, plan.combine_row[:, j], axis=0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public: sorted dispatch / combine and its VJP
+# --------------------------------------------------------------------------------------------
+
+
+def dispatch_combine(
+    x: Any, routes: Routes, experts: ExpertFFNParams, ffn: ExpertFFN, *, apply_weight_to: str = "output"
+) -> Any:
+    r"""Sparse MoE layer output from a routing record, by sorted dispatch and gathered combine.
+
+    $$y_t = \sum_{j=0}^{k-1} [\mathrm{kept}_{tj}]\; w_{tj}\, \mathrm{FFN}_{e_{tj}}(x_t)
+    \qquad\text{or, with } \texttt{apply\_weight\_to="input"},\qquad
+    y_t = \sum_{j=0}^{k-1} [\mathrm{kept}_{tj}]\; \mathrm{FFN}_{e_{tj}}(w_{tj}\, x_t).$$
+
+    The first form is eq. (1) of Shazeer et al. (2017), arXiv:1701.06538, and eq. (2) of Fedus,
+    Zoph & Shazeer (2022), "Switch Transformers", JMLR 23(120), arXiv:2101.03961 (Mixtral,
+    Qwen2-MoE, DeepSeek, OLMoE, DBRX, GPT-OSS, Switch, GShard all weight the output). The second
+    is Llama 4's (transformers `modeling_llama4.py`, ``Llama4TextMoe.forward``:
+    ``routed_in = hidden_states * router_scores``, then the experts). The two agree only when
+    $\mathrm{FFN}_e(w x) = w\,\mathrm{FFN}_e(x)$ for $w \ge 0$ (a bias-free ReLU FFN); gated FFNs
+    and FFNs with biases do not satisfy it.
+
+    Algorithm (dropless-style; one expert's block at a time):
+
+    1. flatten the $(T, k)$ routes, give every dropped route the key $E$ and every kept route its
+       expert, and stable-sort by key (kept routes of one expert stay in token order, dropped
+       ones go last);
+    2. per-expert blocks $[\mathrm{start}_e, \mathrm{end}_e)$ from ``searchsorted`` of
+       $0, \dots, E$ in the sorted keys;
+    3. gather the kept routes' token rows into one contiguous $(R, d)$ buffer ($R$ = number of
+       kept routes);
+    4. per expert with a non-empty block: one matmul chain
+       ([`expert_ffn`][moeref.expert_ffn.expert_ffn]'s math) on its rows, times the sorted weights;
+    5. concatenate the blocks and a zero row, and combine: $y_t = \sum_j \mathrm{buf}[\mathrm{row}_{tj}]$
+       where $\mathrm{row}$ is the inverse permutation of the sort (dropped routes read the zero
+       row). A gather over $k$ ranks, no scatter-add.
+
+    Parameters
+    ----------
+    x : array, shape (T, d)
+    routes : Routes
+        ``expert_index (T, k)`` int, ``weight (T, k)`` float (dtype of ``x``), ``kept (T, k)``
+        bool; ``position`` is not used here (the order inside a block does not change any
+        output row).
+    experts : ExpertFFNParams
+        $E$ experts' weights.
+    ffn : ExpertFFN
+        The FFN family and weight layout.
+    apply_weight_to : {"output", "input"}
+        Where $w_{tj}$ multiplies (see above).
+
+    Returns
+    -------
+    array, shape (T, d)
+
+    Notes
+    -----
+    **Memory.** Besides the output, the transients are the $(R, d)$ gathered tokens, one expert's
+    activations ($n_e \times I$, or $n_e \times 2I$ fused gated) at a time, the $(R + 1, d)$
+    concatenated expert outputs and one $(T, d)$ gathered slice per rank: $O(Tkd + \max_e n_e I)$.
+    No $(T, E, C)$ tensor and no $(T, k, d)$ padded copy per expert.
+
+    **Edge cases.** A dropped route contributes nothing whatever its weight (the record sets it to
+    0) and whatever its expert index; a kept route's expert index must lie in $[0, E)$. An expert
+    without tokens is skipped; a token whose routes are all dropped gets $y_t = 0$.
+
+    **Eager only.** Block boundaries are read as Python ints (data-dependent shapes), so the
+    function runs eagerly on every backend, and under ``jax.grad`` / ``jax.vjp`` (the routing
+    arrays stay concrete), but not under ``jax.jit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.routes import Routes
+    >>> from moeref.expert_ffn import ExpertFFNParams, RELU_FFN
+    >>> from moeref.dispatch import dispatch_combine
+    >>> experts = ExpertFFNParams(w_in=np.ones((2, 1, 1)), w_out=np.array([[[1.0]], [[10.0]]]))
+    >>> routes = Routes(expert_index=np.array([[0, 1], [1, 0]]), weight=np.array([[0.75, 0.25], [1.0, 0.0]]),
+    ...                 kept=np.array([[True, True], [True, False]]), position=np.array([[0, 0], [1, 1]]))
+    >>> dispatch_combine(np.array([[1.0], [2.0]]), routes, experts, RELU_FFN).tolist()
+    [[3.25], [20.0]]
+    """
+    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to)
+    d = x.shape[1]
+    plan = _plan(routes, E, xp)
+    xs = xp.take(x, plan.token, axis=0)  # (R, d): the one gathered copy of the tokens
+    blocks = []
+    for e in range(E):
+        start, end = plan.bounds[e], plan.bounds[e + 1]
+        if end == start:
+            continue
+        p = _expert_slice(experts, e)
+        w = plan.weight[start:end, None]  # (n_e, 1)
+        if apply_weight_to == "input":
+            out, _ = _ffn_forward(xs[start:end, ...] * w, p, ffn, xp)  # (n_e, d)
+        else:
+            out = _ffn_forward(xs[start:end, ...], p, ffn, xp)[0] * w  # (n_e, d)
+        blocks.append(out)
+    del xs
+    return _combine(blocks, plan, d, x, xp)  # (T, d)
+
+
+def dispatch_combine_vjp(
+    x: Any,
+    routes: Routes,
+    experts: ExpertFFNParams,
+    ffn: ExpertFFN,
+    cotangent: Any,
+    *,
+    apply_weight_to: str = "output",
+) -> DispatchCombineGrads:
+    r"""VJP of [`dispatch_combine`][moeref.dispatch.dispatch_combine] w.r.t. ``x``, the expert weights and ``routes.weight``.
+
+    For a kept route $r = (t, j)$ to expert $e$ with $o_r = \mathrm{FFN}_e(x_t)$ and the output
+    cotangent $\bar y_t$ (``apply_weight_to="output"``):
+
+    $$\bar w_{tj} = \langle \bar y_t, o_r \rangle, \qquad
+    \bar x_t = \sum_{j\ \mathrm{kept}} J_{\mathrm{FFN}_e}(x_t)^\top (w_{tj}\,\bar y_t), \qquad
+    \bar\theta_e = \sum_{r \to e} \partial_{\theta_e}\mathrm{FFN}_e(x_t)^\top (w_{tj}\,\bar y_t);$$
+
+    with ``apply_weight_to="input"`` and $\bar\xi_r = J_{\mathrm{FFN}_e}(w_{tj} x_t)^\top \bar y_t$:
+    $\bar w_{tj} = \langle \bar\xi_r, x_t\rangle$ and $\bar x_t = \sum_j w_{tj}\,\bar\xi_r$.
+    Dropped routes get $\bar w_{tj} = 0$. The per-expert pullback is
+    [`expert_ffn_vjp`][moeref.expert_ffn.expert_ffn_vjp]'s math; the sum over a token's routes is
+    the same gather through the inverse permutation as the forward's combine (no scatter).
+
+    Parameters
+    ----------
+    x, routes, experts, ffn, apply_weight_to
+        As in the forward.
+    cotangent : array, shape (T, d)
+
+    Returns
+    -------
+    DispatchCombineGrads
+        ``x (T, d)``, ``routes`` (a Routes record with only ``weight (T, k)`` set) and
+        ``experts`` (an [`ExpertFFNParams`][moeref.expert_ffn.ExpertFFNParams] record).
+
+    Notes
+    -----
+    The expert forward is recomputed block by block (nothing is stored between the forward and
+    this call); the token rows and cotangent rows are gathered per block, so the transient memory
+    is $O(Tkd)$ for the per-row cotangents plus one expert's activations.
+    """
+    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to)
+    check_shape(cotangent, "cotangent", tuple(x.shape), what="the output of dispatch_combine, (T, d)")
+    check_arrays({"x": x, "cotangent": cotangent})
+    d = x.shape[1]
+    plan = _plan(routes, E, xp)
+    x_blocks, w_blocks = [], []
+    per_expert: list[ExpertFFNParams | None] = [None] * E
+    for e in range(E):
+        start, end = plan.bounds[e], plan.bounds[e + 1]
+        if end == start:
+            continue
+        p = _expert_slice(experts, e)
+        tok = plan.token[start:end]  # (n_e,)
+        xs = xp.take(x, tok, axis=0)  # (n_e, d)
+        ct = xp.take(cotangent, tok, axis=0)  # (n_e, d)
+        w = plan.weight[start:end, None]  # (n_e, 1)
+        if apply_weight_to == "input":
+            xin = xs * w
+            _, cache = _ffn_forward(xin, p, ffn, xp)
+            xin_bar, per_expert[e] = _ffn_backward(xin, p, ffn, cache, ct, xp)  # (n_e, d)
+            w_blocks.append(xp.sum(xin_bar * xs, axis=1, keepdims=True))  # (n_e, 1)
+            x_blocks.append(xin_bar * w)
+        else:
+            out, cache = _ffn_forward(xs, p, ffn, xp)  # (n_e, d)
+            w_blocks.append(xp.sum(out * ct, axis=1, keepdims=True))  # (n_e, 1)
+            xs_bar, per_expert[e] = _ffn_backward(xs, p, ffn, cache, ct * w, xp)
+            x_blocks.append(xs_bar)
+    x_bar = _combine(x_blocks, plan, d, x, xp)  # (T, d)
+    w_rows = xp.concat(w_blocks + [xp.zeros((1, 1), dtype=x.dtype, device=device_of(x))], axis=0)  # (R+1, 1)
+    w_bar = xp.reshape(xp.take(w_rows[:, 0], xp.reshape(plan.combine_row, (T * k,)), axis=0), (T, k))  # (T, k)
+    return DispatchCombineGrads(
+        x=x_bar,
+        routes=Routes(expert_index=None, weight=w_bar, kept=None, position=None),
+        experts=_stack_expert_grads(per_expert, experts, xp),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public: the GShard einsum form, for inspection
+# --------------------------------------------------------------------------------------------
+
+
+def dense_dispatch_tensors(routes: Routes, num_experts: int, capacity: int) -> DenseDispatch:
+    r"""The GShard dispatch and combine tensors of a routing record (inspection form only).
+
+    $$\mathrm{dispatch}_{tec} = \sum_j [\mathrm{kept}_{tj}]\,[e_{tj} = e]\,[p_{tj} = c], \qquad
+    \mathrm{combine}_{tec} = \sum_j [\mathrm{kept}_{tj}]\, w_{tj}\,[e_{tj} = e]\,[p_{tj} = c],$$
+
+    the ``dispatch_mask`` and ``combine_weights`` of Lepikhin et al. (2021), "GShard: Scaling Giant
+    Models with Conditional Computation and Automatic Sharding", ICLR, arXiv:2006.16668,
+    Algorithm 2 (``einsum("GSEC,GSM->EGCM")`` dispatch, ``einsum("GSEC,EGCM->GSM")`` combine), as in
+    Mesh TensorFlow `moe.py`, DeepSpeed `sharded_moe.py` and fairseq `top2gate.py`.
+
+    **Memory $O(TEC)$**: with $C \approx kT/E$ this is $O(kT^2)$, e.g. $TEC \times 4$ bytes = 4 GiB
+    per tensor in float32 for $T = 16384$, $E = 32$, $k = 4$, $C = kT/E = 2048$. Use it to inspect or cross-check small cases;
+    the layer itself is [`dispatch_combine`][moeref.dispatch.dispatch_combine].
+
+    Parameters
+    ----------
+    routes : Routes
+        The record; kept routes must have ``position`` in $[0, C)$ and distinct
+        (expert, position) slots. When capacity is counted per routing group (positions restart
+        in every group), call this once per group with that group's tokens.
+    num_experts : int
+        $E$.
+    capacity : int
+        $C$, slots per expert.
+
+    Returns
+    -------
+    DenseDispatch
+        ``dispatch`` and ``combine``, shape (T, E, C), in the dtype of ``routes.weight``.
+
+    Raises
+    ------
+    ValueError
+        A kept route with an expert outside $[0, E)$ or a position outside $[0, C)$, or two kept
+        routes in one slot.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.routes import Routes
+    >>> from moeref.dispatch import dense_dispatch_tensors
+    >>> r = Routes(np.array([[1], [1]]), np.array([[0.5], [0.25]]), np.array([[True], [True]]), np.array([[0], [1]]))
+    >>> dense_dispatch_tensors(r, 2, 2).combine.tolist()
+    [[[0.0, 0.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 0.25]]]
+    """
+    xp = array_namespace(*routes, names=tuple(f"routes.{f}" for f in Routes._fields))
+    T, k = _check_routes(routes, None, xp)
+    E = check_positive_int(num_experts, "num_experts")
+    C = check_positive_int(capacity, "capacity")
+    check_arrays({"routes.weight": routes.weight})
+    _check_kept_range(routes.expert_index, routes.kept, E, "routes.expert_index", f"num_experts={E}", xp)
+    _check_kept_range(routes.position, routes.kept, C, "routes.position", f"capacity={C}", xp)
+    dt = routes.weight.dtype
+    dev = device_of(routes.weight)
+    kept = xp.astype(routes.kept, dt)  # (T, k)
+    dispatch = xp.zeros((T, E, C), dtype=dt, device=dev)
+    combine = xp.zeros((T, E, C), dtype=dt, device=dev)
+    for j in range(k):
+        to_expert = one_hot(routes.expert_index[:, j], E, dtype=dt)  # (T, E)
+        to_slot = one_hot(routes.position[:, j], C, dtype=dt)  # (T, C)
+        slot = to_expert[:, :, None] * to_slot[:, None, :]  # (T, E, C)
+        dispatch = dispatch + kept[:, j, None, None] * slot
+        combine = combine + (kept[:, j] * routes.weight[:, j])[:, None, None] * slot
+    occupancy = xp.sum(dispatch, axis=0)  # (E, C)
+    if concrete_bool(xp.any(occupancy > 1)) is True:
+        raise ValueError("routes puts two kept routes in the same (expert, position) slot; positions must be distinct per expert")
+    return DenseDispatch(dispatch=dispatch, combine=combine)
+
+
+def dense_dispatch_combine(
+    x: Any,
+    routes: Routes,
+    experts: ExpertFFNParams,
+    ffn: ExpertFFN,
+    capacity: int,
+    *,
+    apply_weight_to: str = "output",
+) -> Any:
+    r"""The same layer output as [`dispatch_combine`][moeref.dispatch.dispatch_combine], through the GShard einsums (inspection only).
+
+    $$X_{ecm} = \sum_t \mathrm{dispatch}_{tec}\, x_{tm}, \qquad O_{e} = \mathrm{FFN}_e(X_e), \qquad
+    y_{tm} = \sum_{e,c} \mathrm{combine}_{tec}\, O_{ecm}$$
+
+    (with ``apply_weight_to="input"`` the two tensors swap roles: $X = \mathrm{combine}^\top x$,
+    $y = \mathrm{dispatch} \cdot O$). Algorithm 2 of Lepikhin et al. (2021), arXiv:2006.16668.
+    It equals the sorted path whenever every kept route fits (``position < capacity``) in its own
+    slot; empty slots compute $\mathrm{FFN}_e(0)$, which the zero combine weight discards.
+
+    Memory $O(TEC + ECI)$; see [`dense_dispatch_tensors`][moeref.dispatch.dense_dispatch_tensors].
+
+    Parameters
+    ----------
+    x : array, shape (T, d)
+    routes, experts, ffn, apply_weight_to
+        As in [`dispatch_combine`][moeref.dispatch.dispatch_combine].
+    capacity : int
+        $C$.
+
+    Returns
+    -------
+    array, shape (T, d)
+    """
+    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to)
+    dispatch, combine = dense_dispatch_tensors(routes, E, capacity)  # (T, E, C) each
+    into, out_of = (combine, dispatch) if apply_weight_to == "input" else (dispatch, combine)
+    buffers = xp.tensordot(into, x, axes=([0], [0]))  # (E, C, d)
+    outputs = batched_expert_ffn(buffers, experts, ffn)  # (E, C, d)
+    return xp.tensordot(out_of, outputs, axes=([1, 2], [0, 1]))  # (T, d)

@@ -1,0 +1,270 @@
+"""Sorted dispatch / combine: per-token reference loop, VJPs, dense GShard form, properties, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moeref.dispatch import (
+    dense_dispatch_combine,
+    dense_dispatch_tensors,
+    dispatch_combine,
+    dispatch_combine_vjp,
+)
+from moeref.expert_ffn import GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN, ExpertFFNParams
+from moeref.routes import Routes
+from conftest import assert_close
+from helpers import assert_vjp_correct, leaves
+from test_expert_ffn import make_params, np_ffn
+
+SEPARATE_SWIGLU = ExpertFFN(activation="silu", gated=True, gate_up_layout="separate")
+
+
+def make_routes(rng, T, k, E, *, drop=0.3, skip_expert=None):
+    """Routes built directly: k distinct experts per token (optionally never ``skip_expert``),
+    softmax weights over the k choices, random drops (weight 0), positions = arrival order per expert."""
+    pool = [e for e in range(E) if e != skip_expert]
+    expert = np.stack([rng.choice(pool, size=k, replace=False) for _ in range(T)]).astype(np.int64)
+    logits = rng.normal(size=(T, k))
+    weight = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    kept = rng.random((T, k)) >= drop
+    weight = np.where(kept, weight, 0.0)
+    flat_e, flat_kept = expert.reshape(-1), kept.reshape(-1)
+    position = np.zeros(T * k, dtype=np.int64)
+    for e in range(E):  # slot = number of earlier kept routes of the same expert (token-major order)
+        mine = flat_kept & (flat_e == e)
+        position[mine] = np.arange(mine.sum())
+    return Routes(expert, weight, kept, position.reshape(T, k))
+
+
+def loop_reference(x, routes, p, ffn, apply_weight_to="output"):
+    """y_t = sum_j kept_tj w_tj FFN_e(x_t) token by token (or FFN_e(w_tj x_t) for input weighting)."""
+    T, k = routes.expert_index.shape
+    y = np.zeros_like(x)
+    for t in range(T):
+        for j in range(k):
+            if not routes.kept[t, j]:
+                continue
+            e, w = routes.expert_index[t, j], routes.weight[t, j]
+            if apply_weight_to == "input":
+                y[t] += np_ffn(w * x[t : t + 1], p, e, ffn)[0]
+            else:
+                y[t] += w * np_ffn(x[t : t + 1], p, e, ffn)[0]
+    return y
+
+
+CASES = [("relu_bias", RELU_FFN, True, 1.0), ("swiglu_separate", SEPARATE_SWIGLU, True, 1.0), ("gpt_oss", GPT_OSS_SWIGLU, True, 6.0)]
+
+
+@pytest.fixture
+def small(rng):
+    """T=6, d=4, I=5, E=3, k=2, some routes dropped, expert 1 receives no token."""
+    T, d, I, E, k = 6, 4, 5, 3, 2
+    routes = make_routes(rng, T, k, E, drop=0.3, skip_expert=1)
+    assert not routes.kept.all() and routes.kept.any()
+    return rng.normal(size=(T, d)), routes, d, I, E
+
+
+# --------------------------------------------------------------------------------------------
+# Forward against the per-token loop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("apply_weight_to", ["output", "input"])
+@pytest.mark.parametrize("name,ffn,bias,scale", CASES, ids=[c[0] for c in CASES])
+def test_dispatch_combine_equals_per_token_loop(name, ffn, bias, scale, apply_weight_to, rng):
+    T, d, I, E, k = 11, 4, 5, 4, 3
+    x, routes = rng.normal(size=(T, d)), make_routes(rng, T, k, E, drop=0.25, skip_expert=2)
+    p = make_params(rng, E, d, I, ffn, bias=bias, scale=scale)
+    y = dispatch_combine(x, routes, p, ffn, apply_weight_to=apply_weight_to)
+    assert_close(y, loop_reference(x, routes, p, ffn, apply_weight_to), rtol=1e-12, atol=1e-12)
+
+
+def test_all_routes_dropped_gives_zeros_and_zero_grads(rng):
+    x = rng.normal(size=(4, 3))
+    r = make_routes(rng, 4, 2, 3, drop=1.0)
+    p = make_params(rng, 3, 3, 2, RELU_FFN)
+    assert np.all(dispatch_combine(x, r, p, RELU_FFN) == 0)
+    g = dispatch_combine_vjp(x, r, p, RELU_FFN, np.ones((4, 3)))
+    assert all(np.all(a == 0) for a in leaves(g))
+
+
+def test_dropped_route_ignores_its_weight_and_expert(rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    junk = routes._replace(
+        weight=np.where(routes.kept, routes.weight, 5.0), expert_index=np.where(routes.kept, routes.expert_index, 99)
+    )
+    assert_close(dispatch_combine(x, junk, p, SWIGLU), dispatch_combine(x, routes, p, SWIGLU))
+
+
+# --------------------------------------------------------------------------------------------
+# VJPs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,ffn,bias,scale,apply_weight_to",
+    [c + ("output",) for c in CASES] + [CASES[0] + ("input",), CASES[1] + ("input",)],
+    ids=["relu_bias", "swiglu_separate", "gpt_oss", "relu_bias-input", "swiglu_separate-input"],
+)
+def test_dispatch_combine_vjp(name, ffn, bias, scale, apply_weight_to, rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, ffn, bias=bias, scale=scale)
+
+    def forward(x, routes, p):
+        return dispatch_combine(x, routes, p, ffn, apply_weight_to=apply_weight_to)
+
+    def vjp(x, routes, p, ct):
+        return dispatch_combine_vjp(x, routes, p, ffn, ct, apply_weight_to=apply_weight_to)
+
+    ct = rng.normal(size=x.shape)
+    assert_vjp_correct(f"dispatch_combine[{name},{apply_weight_to}]", forward, vjp, (x, routes, p), ct)
+    g = vjp(x, routes, p, ct)
+    assert np.all(g.routes.weight[~routes.kept] == 0)
+    assert np.all(g.experts.w_in[1] == 0) and np.all(g.experts.w_out[1] == 0)  # expert 1 received no token
+    assert g.routes.expert_index is None and g.routes.kept is None and g.routes.position is None
+
+
+# --------------------------------------------------------------------------------------------
+# Every backend: forward, VJP and the dense form equal NumPy
+# --------------------------------------------------------------------------------------------
+
+
+def test_dispatch_agrees_across_backends(backend, rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, scale=6.0)
+    ct = rng.normal(size=x.shape)
+    C = int(routes.position.max()) + 2
+
+    def run(x, routes, p, ct):
+        return (
+            dispatch_combine(x, routes, p, GPT_OSS_SWIGLU),
+            dispatch_combine(x, routes, p, GPT_OSS_SWIGLU, apply_weight_to="input"),
+            dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct),
+            dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to="input"),
+            dense_dispatch_combine(x, routes, p, GPT_OSS_SWIGLU, C),
+            dense_dispatch_tensors(routes, E, C),
+        )
+
+    want = run(x, routes, p, ct)
+    t = backend.tree_from_numpy
+    got = backend.tree_to_numpy(run(t(x), t(routes), t(p), t(ct)))
+    for a, b in zip(leaves(got), leaves(want)):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_close(want[4], want[0], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The dense GShard form
+# --------------------------------------------------------------------------------------------
+
+
+def test_dense_dispatch_tensors_values(rng, small):
+    x, routes, d, I, E = small
+    C = int(routes.position.max()) + 1
+    disp, comb = dense_dispatch_tensors(routes, E, C)
+    assert disp.shape == comb.shape == (6, E, C)
+    T, k = routes.expert_index.shape
+    want_d, want_c = np.zeros((T, E, C)), np.zeros((T, E, C))
+    for t in range(T):
+        for j in range(k):
+            if routes.kept[t, j]:
+                want_d[t, routes.expert_index[t, j], routes.position[t, j]] += 1
+                want_c[t, routes.expert_index[t, j], routes.position[t, j]] += routes.weight[t, j]
+    assert_close(disp, want_d)
+    assert_close(comb, want_c)
+    assert np.all(disp[:, 1] == 0)
+
+
+@given(
+    st.integers(1, 8), st.integers(1, 3), st.integers(3, 5), st.integers(1, 3), st.integers(1, 3),
+    st.sampled_from(["output", "input"]), st.floats(0.0, 0.6), st.integers(0, 2), st.integers(0, 2**31 - 1),
+)
+def test_dense_einsum_path_equals_sorted_path_property(T, k, E, d, I, apply_weight_to, drop, extra, seed):
+    rng = np.random.default_rng(seed)
+    routes = make_routes(rng, T, k, E, drop=drop)
+    ffn = [RELU_FFN, SWIGLU, GPT_OSS_SWIGLU][seed % 3]
+    p = make_params(rng, E, d, I, ffn, scale=6.0 if ffn is GPT_OSS_SWIGLU else 1.0)
+    x = rng.normal(size=(T, d))
+    C = int(routes.position.max()) + 1 + extra  # covers every kept route's position
+    assert_close(
+        dense_dispatch_combine(x, routes, p, ffn, C, apply_weight_to=apply_weight_to),
+        dispatch_combine(x, routes, p, ffn, apply_weight_to=apply_weight_to),
+        rtol=1e-12, atol=1e-12,
+    )
+
+
+@given(st.integers(1, 9), st.integers(1, 3), st.sampled_from(["output", "input"]), st.integers(0, 2**31 - 1))
+def test_permuting_tokens_permutes_outputs_property(T, k, apply_weight_to, seed):
+    rng = np.random.default_rng(seed)
+    E, d, I = 4, 3, 2
+    routes, x = make_routes(rng, T, k, E, drop=0.3), rng.normal(size=(T, d))
+    p = make_params(rng, E, d, I, SWIGLU)
+    perm = rng.permutation(T)
+    permuted = Routes(*(a[perm] for a in routes))
+    y = dispatch_combine(x, routes, p, SWIGLU, apply_weight_to=apply_weight_to)
+    assert_close(dispatch_combine(x[perm], permuted, p, SWIGLU, apply_weight_to=apply_weight_to), y[perm])
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_input(rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    with pytest.raises(ValueError, match=r"routes.expert_index has shape \(6, 2\) but \(5, \*\) was expected \(x has T=5 tokens\)"):
+        dispatch_combine(x[:5], routes, p, SWIGLU)
+    with pytest.raises(ValueError, match=r"routes.weight has shape \(6, 3\) but \(6, 2\) was expected"):
+        dispatch_combine(x, routes._replace(weight=np.zeros((6, 3))), p, SWIGLU)
+    bad = routes._replace(expert_index=np.where(routes.kept, E, routes.expert_index))
+    with pytest.raises(ValueError, match=r"routes.expert_index of the kept routes must lie in \[0, 3\) \(experts holds E=3 experts\)"):
+        dispatch_combine(x, bad, p, SWIGLU)
+    with pytest.raises(ValueError, match="must lie in"):
+        dispatch_combine(x, routes._replace(expert_index=np.where(routes.kept, -1, routes.expert_index)), p, SWIGLU)
+    with pytest.raises(ValueError, match=r"experts.w_out has shape \(3, 5, 4\) but \(\*, \*, 3\) was expected"):
+        dispatch_combine(x[:, :3], routes, p, SWIGLU)
+    with pytest.raises(ValueError, match=r"experts.w_in has shape \(3, 4, 5\) but \(3, 4, 10\) was expected"):
+        dispatch_combine(x, routes, p._replace(w_in=p.w_in[..., :5]), SWIGLU)
+    with pytest.raises(ValueError, match=r"experts.w_in has shape \(2, 4, 10\) but \(3, 4, 10\) was expected"):
+        dispatch_combine(x, routes, p._replace(w_in=p.w_in[:2]), SWIGLU)
+    with pytest.raises(TypeError, match="all floating-point arguments must share one dtype"):
+        dispatch_combine(x, routes._replace(weight=routes.weight.astype(np.float32)), p, SWIGLU)
+    with pytest.raises(TypeError, match="routes.expert_index must have an integer dtype"):
+        dispatch_combine(x, routes._replace(expert_index=routes.expert_index.astype(np.float64)), p, SWIGLU)
+    with pytest.raises(TypeError, match="routes.kept must be a bool array"):
+        dispatch_combine(x, routes._replace(kept=routes.kept.astype(np.int64)), p, SWIGLU)
+    with pytest.raises(TypeError, match="routes must be a Routes"):
+        dispatch_combine(x, tuple(routes), p, SWIGLU)
+    with pytest.raises(ValueError, match="routes.weight contains NaN"):
+        dispatch_combine(x, routes._replace(weight=np.full((6, 2), np.nan)), p, SWIGLU)
+    with pytest.raises(ValueError, match="apply_weight_to must be one of 'output', 'input'"):
+        dispatch_combine(x, routes, p, SWIGLU, apply_weight_to="both")
+    with pytest.raises(ValueError, match=r"cotangent has shape \(6, 3\) but \(6, 4\) was expected"):
+        dispatch_combine_vjp(x, routes, p, SWIGLU, np.zeros((6, 3)))
+
+
+def test_mixed_array_libraries_are_named(rng, small):
+    torch = pytest.importorskip("torch")
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    with pytest.raises(TypeError, match=r"arrays from different array libraries were mixed in one call \(torch: x; numpy: routes"):
+        dispatch_combine(torch.from_numpy(x), routes, p, SWIGLU)
+
+
+def test_bad_dense_input(rng, small):
+    x, routes, d, I, E = small
+    C = int(routes.position.max()) + 1
+    with pytest.raises(ValueError, match=rf"routes.position of the kept routes must lie in \[0, {C - 1}\) \(capacity={C - 1}\)"):
+        dense_dispatch_tensors(routes, E, C - 1)
+    clash = routes._replace(position=np.zeros_like(routes.position), expert_index=np.zeros_like(routes.expert_index))
+    with pytest.raises(ValueError, match=r"two kept routes in the same \(expert, position\) slot"):
+        dense_dispatch_tensors(clash, E, C)
+    with pytest.raises(ValueError, match="capacity must be at least 1, got 0"):
+        dense_dispatch_tensors(routes, E, 0)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        dense_dispatch_tensors(routes, 3.0, C)
