@@ -53,7 +53,7 @@ expert's $\nu$ is ever updated** (for $k = 1$ the equation also uses the candida
 current one belongs). moeref updates every $\nu_k$ and tests it.
 
 Special functions: the array API has no digamma or log-gamma, so
-[`digamma`][moeref.t_experts.digamma] and [`log_gamma`][moeref.t_experts.log_gamma] are computed
+[`digamma`][moeref.special.digamma] and [`lgamma`][moeref.special.lgamma] are computed
 here in pure array-API code (recurrence up to $x \ge 10$, then the asymptotic series).
 """
 
@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 from .core import array_namespace, device_of
 from .em import CollapsedVarianceError
+from .special import digamma, lgamma
 from .gaussian_experts import (
     ExpertInputGrads,
     _check_nonempty,
@@ -85,7 +86,7 @@ from .validation import (
     concrete_bool,
 )
 
-__all__ = ["T_ALGORITHMS", "digamma", "log_gamma", "LinearTExpertsParams", "LinearTExperts"]
+__all__ = ["T_ALGORITHMS", "LinearTExpertsParams", "LinearTExperts"]
 
 T_ALGORITHMS: tuple[str, ...] = ("ECM", "ECME")
 """Degrees-of-freedom updates of [`LinearTExperts`][moeref.t_experts.LinearTExperts]."""
@@ -93,123 +94,6 @@ T_ALGORITHMS: tuple[str, ...] = ("ECM", "ECME")
 # ----------------------------------------------------------------------------------------------
 # digamma and log-gamma in pure array-API code
 # ----------------------------------------------------------------------------------------------
-
-_SHIFT = 10  # every argument x > 0 is moved to x + 10 >= 10 by the recurrence
-# Bernoulli-number coefficients: psi(z) ~ log z - 1/(2z) - sum_n B_2n / (2n z^2n)
-_PSI_COEFFS = (1.0 / 12, -1.0 / 120, 1.0 / 252, -1.0 / 240, 1.0 / 132, -691.0 / 32760, 1.0 / 12)
-# log Gamma(z) ~ (z - 1/2) log z - z + log(2 pi)/2 + sum_n B_2n / (2n (2n - 1) z^(2n-1))
-_LGAMMA_COEFFS = (1.0 / 12, -1.0 / 360, 1.0 / 1260, -1.0 / 1680, 1.0 / 1188, -691.0 / 360360, 1.0 / 156)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _digamma(x: Any, xp: Any) -> Any:
-    """psi(x) for x > 0 (no checks): psi(x + 10) - sum_j 1/(x + j), then the asymptotic series."""
-    acc = 1.0 / x
-    for j in range(1, _SHIFT):
-        acc = acc + 1.0 / (x + float(j))
-    z = x + float(_SHIFT)
-    inv2 = 1.0 / (z * z)
-    series = _PSI_COEFFS[-1]
-    for coeff in reversed(_PSI_COEFFS[:-1]):
-        series = series * inv2 + coeff  # Horner in 1/z^2
-    return xp.log(z) - 0.5 / z - series * inv2 - acc
-
-
-def _log_gamma(x: Any, xp: Any) -> Any:
-    """log Gamma(x) for x > 0 (no checks): log Gamma(x + 10) - sum_j log(x + j), then Stirling's series."""
-    acc = xp.log(x)
-    for j in range(1, _SHIFT):
-        acc = acc + xp.log(x + float(j))
-    z = x + float(_SHIFT)
-    inv = 1.0 / z
-    inv2 = inv * inv
-    series = _LGAMMA_COEFFS[-1]
-    for coeff in reversed(_LGAMMA_COEFFS[:-1]):
-        series = series * inv2 + coeff  # Horner in 1/z^2
-    return (z - 0.5) * xp.log(z) - z + _HALF_LOG_2PI + series * inv - acc
-
-
-def _on_domain(fn: Any, x: Any) -> Any:
-    xp = array_namespace(x, names=("x",))
-    check_float_array(x, "x")
-    positive = x > 0
-    out = fn(xp.where(positive, x, xp.ones_like(x)), xp)
-    return xp.where(positive, out, xp.full_like(x, math.nan))
-
-
-def digamma(x: Any, /) -> Any:
-    r"""Digamma function $\psi(x) = \frac{d}{dx}\log\Gamma(x)$ for $x > 0$, in pure array-API code.
-
-    $$\psi(x) = \psi(x + 10) - \sum_{j=0}^{9}\frac{1}{x + j}, \qquad
-    \psi(z) \approx \log z - \frac1{2z} - \sum_{n=1}^{7}\frac{B_{2n}}{2n\,z^{2n}}\quad(z \ge 10),$$
-
-    the recurrence and the asymptotic expansion with the Bernoulli numbers $B_{2n}$ (Abramowitz &
-    Stegun 1964, "Handbook of Mathematical Functions", eqs. 6.3.5 and 6.3.18); the first omitted
-    term is below $5\times10^{-17}$ at $z = 10$.
-
-    Parameters
-    ----------
-    x : array
-        Real floating point, positive.
-
-    Returns
-    -------
-    array
-        Same shape; NaN where $x \le 0$ or $x$ is NaN (the reflection formula for negative
-        arguments is not needed by moeref).
-
-    Notes
-    -----
-    A fixed number of elementwise operations (no data-dependent loop, no branch), differentiable by
-    autograd. Agrees with ``scipy.special.digamma`` to $10^{-13}$ relative, or $10^{-15}$
-    absolute near the root $x_0 \approx 1.4616$ (where $\psi(x + 10)$ and the sum cancel).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from moeref.t_experts import digamma
-    >>> round(float(digamma(np.array(1.0))), 12)  # -Euler's gamma
-    -0.577215664902
-    """
-    return _on_domain(_digamma, x)
-
-
-def log_gamma(x: Any, /) -> Any:
-    r"""$\log\Gamma(x)$ for $x > 0$, in pure array-API code.
-
-    $$\log\Gamma(x) = \log\Gamma(x + 10) - \sum_{j=0}^{9}\log(x + j),$$
-
-    $$\log\Gamma(z) \approx \big(z - \tfrac12\big)\log z - z + \tfrac12\log 2\pi
-    + \sum_{n=1}^{7}\frac{B_{2n}}{2n(2n-1)\,z^{2n-1}}\quad(z \ge 10)$$
-
-    (Abramowitz & Stegun 1964, eqs. 6.1.15 and 6.1.40).
-
-    Parameters
-    ----------
-    x : array
-        Real floating point, positive.
-
-    Returns
-    -------
-    array
-        NaN where $x \le 0$.
-
-    Notes
-    -----
-    Absolute error $\lesssim 10^{-14}$ near the zeros at $x = 1, 2$ (a difference of two values
-    near $\log\Gamma(11) \approx 15$), a few ulp relative elsewhere (compared with
-    ``scipy.special.gammaln`` in the tests). [`moeref.special.lgamma`](#moeref.special) computes the
-    same function for the GLM experts.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from moeref.t_experts import log_gamma
-    >>> round(float(log_gamma(np.array(0.5))), 12)  # log sqrt(pi)
-    0.572364942925
-    """
-    return _on_domain(_log_gamma, x)
-
 
 # ----------------------------------------------------------------------------------------------
 # The family
@@ -241,13 +125,13 @@ class LinearTExpertsParams(NamedTuple):
 def _t_logpdf(r: Any, sigma: Any, nu: Any, xp: Any) -> Any:
     """log t(r; 0, sigma^2, nu) for residuals (N, K) and per-expert sigma, nu (K,)."""
     d2 = (r / sigma) ** 2
-    const = _log_gamma(0.5 * (nu + 1.0), xp) - _log_gamma(0.5 * nu, xp) - 0.5 * xp.log(math.pi * nu) - xp.log(sigma)  # (K,)
+    const = lgamma(0.5 * (nu + 1.0)) - lgamma(0.5 * nu) - 0.5 * xp.log(math.pi * nu) - xp.log(sigma)  # (K,)
     return const - 0.5 * (nu + 1.0) * xp.log1p(d2 / nu)
 
 
 def _nu_score(nu: Any, d2: Any, xp: Any) -> Any:
     r"""$2\,\partial\log t/\partial\nu = \psi(\frac{\nu+1}2) - \psi(\frac\nu2) - \log(1 + d^2/\nu) + \frac{d^2 - 1}{\nu + d^2}$."""
-    return _digamma(0.5 * (nu + 1.0), xp) - _digamma(0.5 * nu, xp) - xp.log1p(d2 / nu) + (d2 - 1.0) / (nu + d2)
+    return digamma(0.5 * (nu + 1.0)) - digamma(0.5 * nu) - xp.log1p(d2 / nu) + (d2 - 1.0) / (nu + d2)
 
 
 @dataclass(frozen=True)
@@ -282,7 +166,7 @@ class LinearTExperts:
 
     Notes
     -----
-    The VJP with respect to $\nu_k$ uses [`digamma`][moeref.t_experts.digamma]; ``log_gamma`` of
+    The VJP with respect to $\nu_k$ uses [`digamma`][moeref.special.digamma]; ``lgamma`` of
     large arguments loses about $\varepsilon\,\nu\log\nu$ absolutely to cancellation in
     $\log\Gamma(\frac{\nu+1}2) - \log\Gamma(\frac\nu2)$ ($< 10^{-12}$ for $\nu \le 10^3$).
 
@@ -504,11 +388,11 @@ class LinearTExperts:
             u1 = (nu0 + 1.0) / (nu0 + d2)  # partial E-step at (beta_new, sigma_new, nu^(t))
             const = (
                 xp.sum(weights * (xp.log(u1) - u1), axis=0) / n_k
-                + _digamma(0.5 * (nu0 + 1.0), xp) - xp.log(0.5 * (nu0 + 1.0)) + 1.0
+                + digamma(0.5 * (nu0 + 1.0)) - xp.log(0.5 * (nu0 + 1.0)) + 1.0
             )  # (K,)
 
             def f(nu: Any) -> Any:
-                return xp.log(0.5 * nu) - _digamma(0.5 * nu, xp) + const
+                return xp.log(0.5 * nu) - digamma(0.5 * nu) + const
 
             nu = self._bisect(f, K, sigma, xp)
         else:
