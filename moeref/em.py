@@ -32,7 +32,7 @@ import warnings
 from typing import Any, Callable, NamedTuple
 
 from .core import array_namespace
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_positive_int, concrete_bool
 
 __all__ = [
     "CRITERIA",
@@ -55,6 +55,7 @@ __all__ = [
     "LikelihoodDecreaseError",
     "NonFiniteLogLikelihoodError",
     "EmptyComponentError",
+    "check_nonempty_components",
     "CollapsedVarianceError",
     "SingularWeightedLeastSquaresError",
 ]
@@ -212,6 +213,21 @@ class EMResult(NamedTuple):
     bic: float
     icl: float
     decreases: tuple[int, ...]
+
+
+def check_nonempty_components(weights: Any, min_weight: float) -> Any:
+    r"""$n_k = \sum_i w_{ik}$, shape (K,); raise `EmptyComponentError` if some $n_k = 0$ or $n_k / N$ < ``min_weight``."""
+    xp = array_namespace(weights, names=("weights",))
+    N, K = weights.shape
+    n_k = xp.sum(weights, axis=0)  # (K,)
+    empty = (n_k <= 0) | (n_k < min_weight * N)
+    if concrete_bool(xp.any(empty)):
+        k = next(k for k in range(K) if concrete_bool(empty[k]))
+        raise EmptyComponentError(
+            f"expert {k} has total weight {float(n_k[k]):.3e} (fraction {float(n_k[k]) / N:.3e} of N={N}) "
+            f"< min_weight={min_weight:g}: it is empty and has nothing to fit"
+        )
+    return n_k
 
 
 class InformationCriteria(NamedTuple):

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .core import array_namespace, device_of
-from .em import CollapsedVarianceError, EmptyComponentError, SingularWeightedLeastSquaresError
+from .em import CollapsedVarianceError, SingularWeightedLeastSquaresError, check_nonempty_components
 from .validation import (
+    check_responsibilities,
     check_choice,
     check_finite,
     check_float_array,
@@ -153,27 +154,8 @@ def _design(x: Any, bias: bool, xp: Any) -> Any:
     return xp.concat([x, ones], axis=1)
 
 
-def _check_weights(x: Any, weights: Any, K: int, xp: Any) -> Any:
-    check_float_array(weights, "weights", ndim=2)
-    check_shape(weights, "weights", (x.shape[0], K), what=f"one column per expert (K={K}), one row per sample of x")
-    check_finite(weights, "weights")
-    if concrete_bool(xp.all(weights >= 0)) is False:
-        raise ValueError("weights must be non-negative (responsibilities)")
-    return weights
 
 
-def _check_nonempty(weights: Any, min_weight: float, xp: Any) -> Any:
-    """$n_k = \\sum_i w_{ik}$; raise `EmptyComponentError` if some $n_k / N$ < ``min_weight`` or $n_k = 0$."""
-    N, K = weights.shape
-    n_k = xp.sum(weights, axis=0)  # (K,)
-    empty = (n_k <= 0) | (n_k < min_weight * N)
-    if concrete_bool(xp.any(empty)):
-        k = next(k for k in range(K) if concrete_bool(empty[k]))
-        raise EmptyComponentError(
-            f"expert {k} has total weight {float(n_k[k]):.3e} (fraction {float(n_k[k]) / N:.3e} of N={N}) "
-            f"< min_weight={min_weight:g}: it is empty and has nothing to fit"
-        )
-    return n_k
 
 
 def _weighted_least_squares(design: Any, y2: Any, weights: Any, xp: Any) -> Any:
@@ -653,11 +635,11 @@ class LinearGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         K, d, D = params.weight.shape
-        _check_weights(x, weights, K, xp)
+        check_responsibilities(weights, x.shape[0], K)
         check_same_dtype({"x": x, "weights": weights})
         check_finite(x, "x")
         check_finite(y, "y")
-        _check_nonempty(weights, self.min_weight, xp)
+        check_nonempty_components(weights, self.min_weight)
         design = _design(x, self.bias, xp)  # (N, p)
         y2 = _as_2d_y(y, xp)  # (N, D)
         theta = _weighted_least_squares(design, y2, weights, xp)  # (K, p, D)
@@ -785,10 +767,10 @@ class ConstantGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         K, D = params.mean.shape
-        _check_weights(x, weights, K, xp)
+        check_responsibilities(weights, x.shape[0], K)
         check_same_dtype({"y": y, "weights": weights})
         check_finite(y, "y")
-        n_k = _check_nonempty(weights, self.min_weight, xp)  # (K,)
+        n_k = check_nonempty_components(weights, self.min_weight)  # (K,)
         y2 = _as_2d_y(y, xp)  # (N, D)
         mean = (xp.matrix_transpose(weights) @ y2) / n_k[:, None]  # (K, D)
         r = y2[None, :, :] - mean[:, None, :]  # (K, N, D)

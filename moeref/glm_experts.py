@@ -64,10 +64,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, one_hot, sigmoid, softmax, softplus
-from .em import ConvergenceWarning, EMWarning, EmptyComponentError, SingularWeightedLeastSquaresError
+from .em import ConvergenceWarning, EMWarning, SingularWeightedLeastSquaresError, check_nonempty_components
 from .softmax_gate import GateSeparationWarning, fit_weighted_multinomial
 from .special import lgamma
 from .validation import (
+    check_responsibilities,
     check_finite,
     check_float_array,
     check_positive_int,
@@ -181,26 +182,8 @@ def _first(flags: Any, K: int) -> int:
     return next(k for k in range(K) if concrete_bool(flags[k]))
 
 
-def _check_weights(weights: Any, N: int, K: int, xp: Any) -> Any:
-    check_float_array(weights, "weights", ndim=2)
-    check_shape(weights, "weights", (N, K), what=f"one row per sample of x (N={N}), one column per expert (K={K})")
-    check_finite(weights, "weights")
-    if concrete_bool(xp.all(weights >= 0)) is False:
-        raise ValueError("weights must be non-negative (responsibilities)")
-    return weights
 
 
-def _check_nonempty(weights: Any, min_weight: float, xp: Any) -> Any:
-    N, K = weights.shape
-    n_k = xp.sum(weights, axis=0)  # (K,)
-    empty = (n_k <= 0) | (n_k < min_weight * N)
-    if concrete_bool(xp.any(empty)):
-        k = _first(empty, K)
-        raise EmptyComponentError(
-            f"expert {k} has total weight {float(n_k[k]):.3e} (fraction {float(n_k[k]) / N:.3e} of N={N}) "
-            f"< min_weight={min_weight:g}: it is empty and has nothing to fit"
-        )
-    return n_k
 
 
 def _design(x: Any, bias: bool, xp: Any) -> Any:
@@ -527,9 +510,9 @@ class _SingleIndexOptions:
         """
         xp = self._check(params, x, y)
         N, K = x.shape[0], params.weight.shape[0]
-        _check_weights(weights, N, K, xp)
+        check_responsibilities(weights, N, K)
         check_same_dtype({"x": x, "weights": weights})
-        _check_nonempty(weights, self.min_weight, xp)
+        check_nonempty_components(weights, self.min_weight)
         xr, offset = self._split(x)
         d = xr.shape[1]
         design = _design(xr, self.bias, xp)  # (N, p)
@@ -1019,9 +1002,9 @@ class MultinomialLogisticExperts:
         """
         xp = self._check(params, x, y)
         N, K = x.shape[0], params.weight.shape[0]
-        _check_weights(weights, N, K, xp)
+        check_responsibilities(weights, N, K)
         check_same_dtype({"x": x, "weights": weights})
-        _check_nonempty(weights, self.min_weight, xp)
+        check_nonempty_components(weights, self.min_weight)
         design = _design(x, True, xp)  # (N, d + 1)
         penalty = self.ridge * xp.ones((design.shape[1],), dtype=x.dtype, device=device_of(x))
         _check_gram(design, weights, penalty, xp)

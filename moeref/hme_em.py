@@ -52,9 +52,9 @@ import math
 from typing import Any, NamedTuple
 
 from .core import device_of
-from .em import EMOptions, EStep, _check_options, entropy, information_criteria, run_em
+from .em import EMOptions, EStep, _check_options, check_nonempty_components, entropy, information_criteria, run_em
 from .experts import LinearExpertsParams
-from .gaussian_experts import _check_nonempty, _cov_mle, _design, _split_theta, _weighted_least_squares
+from .gaussian_experts import _cov_mle, _design, _split_theta, _weighted_least_squares
 from .hierarchical_moe import HMEParams, HMEPosteriors, hme_branching, hme_posteriors
 from .softmax_gate import SoftmaxGate, SoftmaxGateParams, fit_weighted_multinomial
 from .validation import check_arrays, check_float_array, check_record_type, check_shape, concrete_bool
@@ -299,7 +299,7 @@ def hme_m_step(
     L = state.hme.experts.weight.shape[0]
     check_shape(posteriors.paths, "posteriors.paths", (N, L), what=f"N={N} samples, L={L} leaves")
     # experts: weighted least squares per leaf on [x, 1], weights h_p
-    _check_nonempty(posteriors.paths, min_weight, xp)
+    check_nonempty_components(posteriors.paths, min_weight)
     design = _design(x, True, xp)  # (N, d_in + 1)
     theta = _weighted_least_squares(design, y, posteriors.paths, xp)  # (L, d_in + 1, d_out)
     weight, bias = _split_theta(theta, d_in, True, xp)

@@ -64,19 +64,18 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .core import array_namespace, device_of
-from .em import CollapsedVarianceError
+from .em import CollapsedVarianceError, check_nonempty_components
 from .special import digamma, lgamma
 from .gaussian_experts import (
     ExpertInputGrads,
-    _check_nonempty,
     _check_nonneg_float,
-    _check_weights,
     _design,
     _name_first,
     _split_theta,
     _weighted_least_squares,
 )
 from .validation import (
+    check_responsibilities,
     check_choice,
     check_finite,
     check_float_array,
@@ -357,11 +356,11 @@ class LinearTExperts:
         """
         xp = self._check(params, x, y)
         K, d = params.weight.shape
-        _check_weights(x, weights, K, xp)
+        check_responsibilities(weights, x.shape[0], K)
         check_same_dtype({"x": x, "weights": weights})
         check_finite(x, "x")
         check_finite(y, "y")
-        n_k = _check_nonempty(weights, self.min_weight, xp)  # (K,)
+        n_k = check_nonempty_components(weights, self.min_weight)  # (K,)
         nu0 = params.nu
         # E-step of the latent scales at theta^(t)
         r0 = self._residuals(params.weight, params.bias, x, y, xp)  # (N, K)

@@ -21,6 +21,7 @@ __all__ = [
     "check_record_type",
     "check_gate_params",
     "check_experts_params",
+    "check_responsibilities",
     "check_float_array",
     "check_shape",
     "check_same_dtype",
@@ -168,3 +169,14 @@ def check_experts_params(weight: Any, bias: Any, d_in: int, *, n: int | None = N
     check_float_array(bias, f"{name}.bias", ndim=2)
     check_shape(bias, f"{name}.bias", (n, d_out), what=f"{name}.weight holds n={n} experts with d_out={d_out}")
     return n, d_out
+
+
+def check_responsibilities(weights: Any, N: int, K: int) -> Any:
+    """Weights of a weighted M-step: shape (N, K), finite, non-negative (EM responsibilities)."""
+    xp = array_namespace(weights, names=("weights",))
+    check_float_array(weights, "weights", ndim=2)
+    check_shape(weights, "weights", (N, K), what=f"one row per sample of x (N={N}), one column per expert (K={K})")
+    check_finite(weights, "weights")
+    if concrete_bool(xp.all(weights >= 0)) is False:
+        raise ValueError("weights must be non-negative (responsibilities)")
+    return weights
