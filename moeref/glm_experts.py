@@ -65,6 +65,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, one_hot, sigmoid, softmax, softplus
 from .em import ConvergenceWarning, EMWarning, SingularWeightedLeastSquaresError, check_nonempty_components
+from .gaussian_experts import _design
 from .softmax_gate import GateSeparationWarning, fit_weighted_multinomial
 from .special import lgamma
 from .validation import (
@@ -186,11 +187,6 @@ def _first(flags: Any, K: int) -> int:
 
 
 
-def _design(x: Any, bias: bool, xp: Any) -> Any:
-    """``[x, 1]`` (N, d + 1) when ``bias``, else ``x``: the columns multiplying ``[weight, bias]``."""
-    if not bias:
-        return x
-    return xp.concat([x, xp.ones((x.shape[0], 1), dtype=x.dtype, device=device_of(x))], axis=1)
 
 
 def _check_gram(design: Any, weights: Any, penalty: Any, xp: Any) -> None:
