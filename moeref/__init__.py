@@ -29,6 +29,7 @@ from . import (
     regression_mixture,
     router,
     routes,
+    soft_moe,
     softmax_gate,
     sparse_moe,
     special,
