@@ -141,7 +141,8 @@ def test_capacity_formula_table(system):
 
 
 def test_float_evaluation_can_be_off_by_one_where_the_exact_capacity_is_an_integer():
-    # DeepSpeed _capacity: ceil((T / E) * (cf * k)); (100 / 3) * 3.75 = 125.00000000000001 in float
+    # ceil((T / E) * (cf * k)) in Python's float64: (100 / 3) * 3.75 = 125.00000000000001
+    # (DeepSpeed evaluates it on float32 tensors and gets 125 here; see moeref.presets.deepspeed_capacity)
     assert math.ceil((100 / 3) * (1.25 * 3)) == 126
     assert expert_capacity(100, 3, 3, SYSTEMS["deepspeed_topk"][0]) == 125  # exact: 1.25 * 3 * 100 / 3
 
