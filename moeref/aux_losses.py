@@ -17,7 +17,12 @@ array), and its `_vjp` returns the cotangent of the logits.
   count in $f$, the overall scale, routing groups, padding masks) as an explicit option; and
   [`multilayer_load_balancing_loss`][moeref.aux_losses.multilayer_load_balancing_loss] for the
   aggregation over layers ("pooled" vs "averaged").
+* [`sequence_balance_loss`][moeref.aux_losses.sequence_balance_loss]: DeepSeek-V3's complementary
+  sequence-wise balance loss $\sum_i f_i P_i$ on normalised sigmoid affinities, per sequence.
 * [`router_z_loss`][moeref.aux_losses.router_z_loss]: ST-MoE's $\frac1T\sum_t \operatorname{lse}(z_t)^2$.
+
+The balance losses and the z-loss accept $-\infty$ logits (an expert switched off by a $-\infty$
+router bias): its probability is 0, the log-sum-exp ignores it, and its cotangent is 0.
 
 The selection is piecewise constant in the logits: its derivative is 0 almost everywhere (and does
 not exist at a tie), so every VJP here treats it as a constant.
@@ -65,6 +70,13 @@ __all__ = [
     "load_balancing_loss_vjp",
     "multilayer_load_balancing_loss",
     "multilayer_load_balancing_loss_vjp",
+    # DeepSeek-V3
+    "SequenceBalanceLossOptions",
+    "DEEPSEEK_V3_SEQUENCE_BALANCE",
+    "DEEPSEEK_V2_SEQUENCE_BALANCE",
+    "SequenceBalanceLossGrads",
+    "sequence_balance_loss",
+    "sequence_balance_loss_vjp",
     # ST-MoE
     "RouterZLossGrads",
     "router_z_loss",
@@ -78,7 +90,9 @@ __all__ = [
 
 
 def _check_logits(logits: Any, name: str = "logits") -> Any:
-    xp = check_arrays({name: logits})
+    # -inf is a logit of an expert switched off (a -inf router bias): softmax gives it probability
+    # 0 and logsumexp ignores it; NaN and +inf are rejected
+    xp = check_arrays({name: logits}, neg_inf_ok=(name,))
     check_float_array(logits, name, ndim=2)
     if logits.shape[1] < 1:
         raise ValueError(f"{name} must have at least one expert (column), got shape {tuple(logits.shape)}")
@@ -897,7 +911,9 @@ def load_balancing_loss(
     "top1" and "all_routes_over_k", $k$ for "all_routes") and $\sum_i f_i/E^2$ for $s = 1/E$.
     Only $P$ depends differentiably on the logits; $f$ is piecewise constant.
     A route listed twice for one token counts twice (HF SwitchTransformers would count it once;
-    top-k selections never repeat an expert).
+    top-k selections never repeat an expert). A $-\infty$ logit (an expert switched off) has
+    probability 0 and cotangent 0 in the VJP; a row of all $-\infty$ contributes $p_t = 0$.
+    NaN and $+\infty$ are rejected.
 
     Examples
     --------
@@ -1056,6 +1072,200 @@ def multilayer_load_balancing_loss_vjp(
 
 
 # --------------------------------------------------------------------------------------------
+# DeepSeek-V3 complementary sequence-wise balance loss
+# --------------------------------------------------------------------------------------------
+
+_SEQUENCE_SCORES = ("sigmoid", "softmax")
+
+
+@dataclass(frozen=True)
+class SequenceBalanceLossOptions:
+    r"""Conventions of the sequence-wise balance loss $\sum_i f_i P_i$ (per sequence, then averaged).
+
+    Attributes
+    ----------
+    score : {"sigmoid", "softmax"}
+        The affinities $s_{ti}$ and their normalisation $s'_{ti}$:
+
+        * ``"sigmoid"``: $s_{ti} = \sigma(z_{ti})$, $s'_{ti} = s_{ti} / \sum_j s_{tj}$
+          (DeepSeek-AI 2024, DeepSeek-V3 Technical Report, arXiv:2412.19437, eqs. (19)-(20);
+          NVIDIA Megatron-LM `megatron/core/transformer/moe/moe_utils.py`,
+          ``compute_routing_scores_for_aux_loss`` with ``score_function="sigmoid"``, divides by
+          the sum plus $10^{-20}$).
+        * ``"softmax"``: $s'_{ti} = s_{ti} = \operatorname{softmax}(z_t)_i$ (DeepSeek-V2 and
+          DeepSeekMoE, ``MoEGate`` with ``seq_aux=True`` in the ``modeling_deepseek.py`` of
+          the deepseek-ai/DeepSeek-V2 Hugging Face repositories).
+    sequence_length : int or None
+        $T$ of the equations, the tokens of one sequence; the $B$ sequences of a batch are the
+        consecutive blocks of ``sequence_length`` rows (a ``(B, T, d)`` batch flattened row-major).
+        ``None``: all rows are one sequence. Must divide the number of rows.
+
+    Presets: [`DEEPSEEK_V3_SEQUENCE_BALANCE`][moeref.aux_losses.DEEPSEEK_V3_SEQUENCE_BALANCE],
+    [`DEEPSEEK_V2_SEQUENCE_BALANCE`][moeref.aux_losses.DEEPSEEK_V2_SEQUENCE_BALANCE]; set the
+    sequence length with `dataclasses.replace(preset, sequence_length=T)`.
+    """
+
+    score: str = "sigmoid"
+    sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.score, "score", _SEQUENCE_SCORES)
+        S = self.sequence_length
+        if S is not None and (isinstance(S, bool) or not isinstance(S, int) or S < 1):
+            raise ValueError(f"sequence_length must be None or a positive int, got {S!r}")
+
+
+DEEPSEEK_V3_SEQUENCE_BALANCE = SequenceBalanceLossOptions(score="sigmoid")
+"""DeepSeek-V3 eqs. (17)-(20): normalised sigmoid affinities (set `sequence_length`)."""
+
+DEEPSEEK_V2_SEQUENCE_BALANCE = SequenceBalanceLossOptions(score="softmax")
+"""DeepSeek-V2 / DeepSeekMoE ``seq_aux``: softmax affinities (set `sequence_length`)."""
+
+
+class SequenceBalanceLossGrads(NamedTuple):
+    """Cotangents of [`sequence_balance_loss`][moeref.aux_losses.sequence_balance_loss]'s inputs
+    (the selection is piecewise constant: ``None``)."""
+
+    logits: Any
+    selection: Any = None
+
+
+class _Sequence(NamedTuple):
+    scores: Any  # (T, E)  s
+    total: Any  # (T, 1)   sum_j s_tj (sigmoid; None for softmax)
+    normalized: Any  # (T, E)  s'
+    fraction: Any  # (B, E)  f
+    mean_score: Any  # (B, E)  P
+
+
+def _check_sequence(logits: Any, selection: Any, options: Any) -> tuple[Any, Any, SequenceBalanceLossOptions]:
+    if not isinstance(options, SequenceBalanceLossOptions):
+        raise TypeError(f"options must be a SequenceBalanceLossOptions, got {type(options).__name__}")
+    xp = _check_logits(logits)
+    T, E = logits.shape
+    if isinstance(selection, int) and not isinstance(selection, bool):
+        k = _check_k(selection, E)
+        # eq. (18) as printed: the top-K of the affinities (their order is that of the logits)
+        _, index = top_k(logits, k, axis=-1)  # (T, K)
+    else:
+        index, _ = _selection_arrays(selection, logits, xp)
+    if options.sequence_length is not None and T % options.sequence_length != 0:
+        raise ValueError(f"sequence_length={options.sequence_length} does not divide the number of tokens T={T}")
+    return xp, index, options
+
+
+def _sequence_forward(logits: Any, index: Any, options: SequenceBalanceLossOptions) -> _Sequence:
+    xp = array_namespace(logits)
+    T, E = logits.shape
+    k = index.shape[1]
+    S = T if options.sequence_length is None else options.sequence_length
+    B = T // S
+    if options.score == "softmax":
+        scores, total = softmax(logits, axis=-1), None
+        normalized = scores
+    else:
+        scores = sigmoid(logits)  # (T, E)  0 where a logit is -inf
+        total = xp.sum(scores, axis=-1, keepdims=True)  # (T, 1)
+        normalized = scores / xp.where(total > 0, total, xp.ones_like(total))  # (T, E)
+    counts = _route_counts(index, None, E, LoadBalancingLossOptions(fraction="all_routes"), logits.dtype)  # (T, E)
+    fraction = (E / (k * S)) * xp.sum(xp.reshape(counts, (B, S, E)), axis=1)  # (B, E)
+    mean_score = xp.sum(xp.reshape(normalized, (B, S, E)), axis=1) / S  # (B, E)
+    return _Sequence(scores, total, normalized, fraction, mean_score)
+
+
+def sequence_balance_loss(logits: Any, selection: Any, *, options: SequenceBalanceLossOptions = DEEPSEEK_V3_SEQUENCE_BALANCE) -> Any:
+    r"""Complementary sequence-wise balance loss of DeepSeek-V3, averaged over the sequences of a batch.
+
+    For one sequence of $T$ tokens, $N_r$ routed experts and $K_r$ routes per token,
+
+    $$\mathcal L_\text{Bal} = \alpha \sum_{i=1}^{N_r} f_i P_i, \qquad
+    f_i = \frac{N_r}{K_r T} \sum_{t=1}^{T} \mathbb 1\big(i \in \mathcal E_t\big),$$
+
+    $$s'_{i,t} = \frac{s_{i,t}}{\sum_{j=1}^{N_r} s_{j,t}}, \qquad
+    P_i = \frac1T \sum_{t=1}^{T} s'_{i,t},$$
+
+    DeepSeek-AI (2024), "DeepSeek-V3 Technical Report", arXiv:2412.19437, eqs. (17)-(20), with
+    $s_{i,t} = \sigma(z_{ti})$ the token-to-expert affinity and $\mathcal E_t$ the experts token
+    $t$ selects (the top-$K_r$ of $s_{\cdot,t}$ in eq. (18)). This function returns $\frac1B \sum_b \sum_i f_{bi} P_{bi}$ over the $B$
+    sequences (without $\alpha$: the coefficient is the caller's, e.g.
+    ``SparseMoEOptions.sequence_balance_coef``).
+
+    Parameters
+    ----------
+    logits : array, shape (B*T, E)
+        Router logits $z$ (the affinities are computed from them; ``-inf`` switches an expert off).
+    selection : int, or int64 array, shape (B*T, K), or Routes
+        The experts each token selects. An int $K$: the top-$K$ of the affinities, as eq. (18)
+        is printed (ties: the lower expert index); this is what
+        [`sparse_moe_layer`][moeref.sparse_moe.sparse_moe_layer] passes, and what NVIDIA
+        Megatron-LM's ``compute_routing_scores_for_aux_loss`` (`megatron/core/transformer/moe/moe_utils.py`)
+        recomputes for its ``seq_aux_loss``. An array or Routes: those routes count, every one
+        (a Routes record's ``kept`` flags are ignored).
+    options : SequenceBalanceLossOptions
+        The affinity (sigmoid as in DeepSeek-V3, softmax as in DeepSeek-V2) and the sequence length.
+
+    Returns
+    -------
+    array, shape ()
+
+    Notes
+    -----
+    Eq. (18) writes $\mathcal E_t$ as the top-$K_r$ of the raw affinities $s_{\cdot,t}$, while
+    the routing itself selects on $s + b$ (the auxiliary-loss-free bias) within the best node
+    groups; the two coincide without bias and without group limits. Pass the routes as
+    ``selection`` to count the experts actually used (as the ``seq_aux`` branch of DeepSeek-V2's
+    ``MoEGate`` does with its ``topk_idx``).
+    At perfect balance within a sequence ($f_i = 1$) the loss is $\sum_i P_i = 1$.
+    A $-\infty$ logit has affinity 0 (and cotangent 0); a row of all $-\infty$ contributes 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.aux_losses import sequence_balance_loss
+    >>> logits = np.log(np.array([[1.0, 3.0], [1.0, 3.0]]))  # sigmoid: s = (0.5, 0.75), s' = (0.4, 0.6)
+    >>> round(float(sequence_balance_loss(logits, np.array([[1], [1]]))), 12)  # f = (0, 2)
+    1.2
+    >>> round(float(sequence_balance_loss(logits, 1)), 12)  # K = 1: the top-1 affinity is expert 1
+    1.2
+    """
+    xp, index, options = _check_sequence(logits, selection, options)
+    fw = _sequence_forward(logits, index, options)
+    return xp.mean(xp.sum(fw.fraction * fw.mean_score, axis=1))
+
+
+def sequence_balance_loss_vjp(
+    logits: Any, selection: Any, cotangent: Any, *, options: SequenceBalanceLossOptions = DEEPSEEK_V3_SEQUENCE_BALANCE
+) -> SequenceBalanceLossGrads:
+    r"""VJP of [`sequence_balance_loss`][moeref.aux_losses.sequence_balance_loss] w.r.t. the logits.
+
+    $f$ is constant; for token $t$ of sequence $b$, $\bar s'_{ti} = \bar L\, f_{bi} / (B T)$.
+    Sigmoid affinities, with $\Sigma_t = \sum_j s_{tj}$:
+
+    $$\bar s_{tj} = \frac{\bar s'_{tj} - \sum_i \bar s'_{ti}\, s'_{ti}}{\Sigma_t}, \qquad
+    \bar z_{tj} = \bar s_{tj}\, s_{tj} (1 - s_{tj});$$
+
+    softmax affinities: $\bar z_t = s_t \odot (\bar s'_t - \langle s_t, \bar s'_t\rangle)$.
+
+    Returns
+    -------
+    SequenceBalanceLossGrads
+        ``logits``, shape (B*T, E); ``selection`` is ``None``.
+    """
+    xp, index, options = _check_sequence(logits, selection, options)
+    ct = _scalar_cotangent(cotangent, logits, xp)
+    fw = _sequence_forward(logits, index, options)
+    T, E = logits.shape
+    B = fw.fraction.shape[0]
+    S = T // B
+    p_bar = xp.reshape(xp.broadcast_to((ct / (B * S)) * fw.fraction[:, None, :], (B, S, E)), (T, E))  # (T, E)
+    if options.score == "softmax":
+        return SequenceBalanceLossGrads(softmax_vjp(fw.scores, p_bar))
+    total = xp.where(fw.total > 0, fw.total, xp.ones_like(fw.total))  # (T, 1)
+    s_bar = (p_bar - xp.sum(p_bar * fw.normalized, axis=-1, keepdims=True)) / total  # (T, E)
+    return SequenceBalanceLossGrads(s_bar * fw.scores * (1.0 - fw.scores))
+
+
+# --------------------------------------------------------------------------------------------
 # ST-MoE router z-loss
 # --------------------------------------------------------------------------------------------
 
@@ -1076,10 +1286,23 @@ def _z_parts(logits: Any, mask: Any, mask_mode: str, xp: Any) -> tuple[Any, Any]
         return logits, xp.full((T,), 1.0 / T, dtype=logits.dtype, device=device_of(logits))
     m = xp.astype(mask, logits.dtype)
     if mask_mode == "zero_logits":
-        zeroed = logits * m[:, None]  # (T, E)  padding rows become 0: lse = log E
+        zeroed = xp.where(mask[:, None], logits, xp.zeros_like(logits))  # (T, E)  padding rows become 0: lse = log E
         return zeroed, xp.full((T,), 1.0 / T, dtype=logits.dtype, device=device_of(logits))
     total = xp.sum(m)
     return logits, m / xp.where(total > 0, total, xp.ones_like(total))
+
+
+def _finite_lse(z: Any, weight: Any, xp: Any) -> Any:
+    """``logsumexp(z)`` per row; a row of weight > 0 whose logits are all -inf has no finite z-loss."""
+    lse = logsumexp(z, axis=-1)  # (T,)  -inf entries add nothing
+    dead = (lse == -math.inf) & (weight > 0)
+    if concrete_bool(xp.any(dead)) is True:
+        t = int(xp.argmax(xp.astype(dead, xp.int32)))
+        raise ValueError(
+            f"logits row {t} is -inf for every expert (all experts switched off), where the z-loss (log sum exp)^2 is +inf"
+        )
+    # padding rows (weight 0) and, under tracing, dead rows: 0 instead of 0 * inf = NaN
+    return xp.where(lse == -math.inf, xp.zeros_like(lse), lse)
 
 
 def router_z_loss(logits: Any, *, mask: Any = None, mask_mode: str = "exclude") -> Any:
@@ -1112,6 +1335,10 @@ def router_z_loss(logits: Any, *, mask: Any = None, mask_mode: str = "exclude") 
     Over several layers, the mean of per-layer z-losses and the z-loss of the pooled tokens are
     equal (every layer has the same $T$ and mask), so there is no layer option.
 
+    A $-\infty$ logit (an expert switched off by a $-\infty$ router bias) adds nothing to the
+    log-sum-exp and gets cotangent 0 in the VJP. A counted row whose logits are all $-\infty$ has
+    no finite loss and raises a `ValueError`; NaN and $+\infty$ are rejected.
+
     Examples
     --------
     >>> import numpy as np
@@ -1123,7 +1350,7 @@ def router_z_loss(logits: Any, *, mask: Any = None, mask_mode: str = "exclude") 
     mask = _check_mask(mask, logits)
     check_choice(mask_mode, "mask_mode", _Z_MASK_MODES)
     z, weight = _z_parts(logits, mask, mask_mode, xp)
-    lse = logsumexp(z, axis=-1)  # (T,)
+    lse = _finite_lse(z, weight, xp)  # (T,)
     return xp.sum(weight * lse * lse)
 
 
@@ -1140,7 +1367,7 @@ def router_z_loss_vjp(logits: Any, cotangent: Any, *, mask: Any = None, mask_mod
     check_choice(mask_mode, "mask_mode", _Z_MASK_MODES)
     ct = _scalar_cotangent(cotangent, logits, xp)
     z, weight = _z_parts(logits, mask, mask_mode, xp)
-    lse = logsumexp(z, axis=-1)  # (T,)
+    lse = _finite_lse(z, weight, xp)  # (T,)
     scale = 2.0 * ct * weight * lse  # (T,)
     grad = scale[:, None] * softmax(z, axis=-1)  # (T, E)
     if mask is not None and mask_mode == "zero_logits":

@@ -27,8 +27,10 @@ per-field conventions are documented on [`RouterOptions`][moeref.router.RouterOp
 into a system $\times$ option table; the documentation's conventions matrix is generated from
 it (``docs/scripts/conventions_matrix.py``), so the page cannot drift from the code.
 
-**Not set by these presets:** shared (always-on) experts (DeepSeek-V3 ``n_shared_experts``,
-Qwen2-MoE's sigmoid-gated ``shared_expert``, Llama 4's ``shared_expert``). The router bias of GPT-OSS is a parameter (``RouterParams.bias``), DeepSeek-V3's
+**Shared experts** are part of the presets that have them (DeepSeek-V3 ``n_shared_experts``
+added ungated, Qwen2-MoE's sigmoid-gated ``shared_expert``, Llama 4's ungated
+``shared_expert``; see [`moeref.shared_experts`][moeref.shared_experts]); a keyword turns each
+off. The router bias of GPT-OSS is a parameter (``RouterParams.bias``), DeepSeek-V3's
 ``e_score_correction_bias`` is ``RouterParams.selection_bias``. The layer's auxiliary losses
 are the Switch / GShard balancing loss and the z-loss; the importance and load losses of
 Shazeer et al. (2017) and V-MoE are computed beside it (see [`shazeer2017`][moeref.presets.shazeer2017]
@@ -46,10 +48,11 @@ import types
 import typing
 from typing import Any, Callable, NamedTuple
 
-from .aux_losses import DEEPSPEED_TOPK, GSHARD, HF_MIXTRAL, HF_SWITCH_TRANSFORMERS, SWITCH_TRANSFORMER
+from .aux_losses import DEEPSEEK_V3_SEQUENCE_BALANCE, DEEPSPEED_TOPK, GSHARD, HF_MIXTRAL, HF_SWITCH_TRANSFORMERS, SWITCH_TRANSFORMER
 from .capacity import CapacityOptions
 from .expert_ffn import GELU_TANH_FFN, GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN
 from .router import RouterOptions
+from .shared_experts import SharedExpertOptions
 from .sparse_moe import SparseMoEOptions
 from .validation import check_choice, check_positive_float, check_positive_int
 
@@ -142,20 +145,36 @@ def switch(*, capacity: int = 64, group_size: int | None = None) -> SparseMoEOpt
     )
 
 
-def deepseek_v3(*, k: int = 8, n_group: int = 8, topk_group: int = 4, routed_scaling_factor: float = 2.5) -> SparseMoEOptions:
-    r"""DeepSeek-V3 routed experts (HF ``DeepseekV3MoE`` / ``DeepseekV3TopkRouter``).
+def deepseek_v3(
+    *,
+    k: int = 8,
+    n_group: int = 8,
+    topk_group: int = 4,
+    routed_scaling_factor: float = 2.5,
+    n_shared_experts: int = 1,
+    sequence_balance_coef: float = 0.0,
+    sequence_length: int | None = None,
+) -> SparseMoEOptions:
+    r"""DeepSeek-V3 MoE layer (HF ``DeepseekV3MoE`` / ``DeepseekV3TopkRouter``), shared expert included.
 
     Sigmoid scores; selection on scores plus ``e_score_correction_bias`` (pass it as
     ``RouterParams.selection_bias``), limited to the ``topk_group = 4`` best of ``n_group = 8``
-    groups (group score: sum of the two largest; left-out groups set to 0.0 as in HF); $k = 8$;
-    weights renormalised by $\sum g + 10^{-20}$ (``norm_topk_prob``) and scaled by
-    ``routed_scaling_factor = 2.5``; SwiGLU experts; dropless; auxiliary-loss-free balancing, so
-    both loss coefficients are 0 (the sequence-wise balance loss is not implemented here).
-    The shared expert is not part of the layer.
+    groups (group score: sum of the two largest; experts of left-out groups masked with
+    $-\infty$, as HF v5.24 and DeepSeek's ``inference/model.py`` do); $k = 8$; weights
+    renormalised by $\sum g + 10^{-20}$ (``norm_topk_prob``) and scaled by
+    ``routed_scaling_factor = 2.5``; SwiGLU experts; dropless; ``n_shared_experts = 1`` shared
+    SwiGLU expert added ungated (its parameters are one fused FFN of width
+    ``n_shared_experts * moe_intermediate_size``; 0 turns it off). Balancing is
+    auxiliary-loss-free (the correction bias), so the Switch balance loss and the z-loss have
+    coefficient 0; the complementary sequence-wise balance loss (eqs. (17)-(20),
+    [`DEEPSEEK_V3_SEQUENCE_BALANCE`][moeref.aux_losses.DEEPSEEK_V3_SEQUENCE_BALANCE]) is always
+    reported and enters the objective with ``sequence_balance_coef`` (the paper trains with
+    $\alpha = 0.0001$; HF does not compute it: default 0); ``sequence_length`` splits the $T$
+    rows into sequences (None: one sequence).
 
     Source: transformers v5.24.0 ``models/deepseek_v3/modeling_deepseek_v3.py``,
     ``configuration_deepseek_v3.py``. DeepSeek-AI (2024), "DeepSeek-V3 Technical Report",
-    arXiv:2412.19437, Sec. 2.1.2, eqs. (12)-(16).
+    arXiv:2412.19437, Sec. 2.1.2, eqs. (12)-(20).
     """
     return SparseMoEOptions(
         router=RouterOptions(
@@ -164,21 +183,26 @@ def deepseek_v3(*, k: int = 8, n_group: int = 8, topk_group: int = 4, routed_sca
             n_group=n_group,
             topk_group=topk_group,
             group_score="top2_sum",
-            group_masked_score=0.0,
+            group_masked_score=-math.inf,
             normalize="sum_plus_eps",
             normalize_eps=1e-20,
             routed_scaling_factor=routed_scaling_factor,
         ),
         capacity=CapacityOptions(dropless=True),
         ffn=SWIGLU,
+        shared=SharedExpertOptions("add", SWIGLU) if n_shared_experts > 0 else None,
+        sequence_balance=dataclasses.replace(DEEPSEEK_V3_SEQUENCE_BALANCE, sequence_length=sequence_length),
+        sequence_balance_coef=sequence_balance_coef,
     )
 
 
-def qwen2_moe(*, k: int = 4, norm_topk_prob: bool = False) -> SparseMoEOptions:
-    r"""Qwen2-MoE routed experts (HF ``Qwen2MoeSparseMoeBlock``, without its shared expert).
+def qwen2_moe(*, k: int = 4, norm_topk_prob: bool = False, shared_expert: bool = True) -> SparseMoEOptions:
+    r"""Qwen2-MoE sparse MoE block (HF ``Qwen2MoeSparseMoeBlock``), shared expert included.
 
     Softmax over $E$, top-$k$ ($k = 4$), renormalised only when ``norm_topk_prob`` (False in the
-    released config); SwiGLU experts; dropless; ``router_aux_loss_coef = 0.001``.
+    released config); SwiGLU experts; dropless; ``router_aux_loss_coef = 0.001``; one shared
+    SwiGLU expert gated by $\sigma(x\,w_\text{sg})$ (``shared_expert_gate``, a ``(d, 1)``
+    weight without bias; ``shared_expert=False`` turns it off).
 
     Source: transformers v5.24.0 ``models/qwen2_moe/modeling_qwen2_moe.py``,
     ``configuration_qwen2_moe.py``.
@@ -189,6 +213,7 @@ def qwen2_moe(*, k: int = 4, norm_topk_prob: bool = False) -> SparseMoEOptions:
         ffn=SWIGLU,
         load_balancing=HF_MIXTRAL,
         load_balancing_coef=0.001,
+        shared=SharedExpertOptions("sigmoid_gate", SWIGLU) if shared_expert else None,
     )
 
 
@@ -233,12 +258,13 @@ def gpt_oss(*, k: int = 4) -> SparseMoEOptions:
     )
 
 
-def llama4(*, k: int = 1) -> SparseMoEOptions:
-    r"""Llama 4 routed experts (HF ``Llama4TextMoe``, without its shared expert).
+def llama4(*, k: int = 1, shared_expert: bool = True) -> SparseMoEOptions:
+    r"""Llama 4 MoE block (HF ``Llama4TextMoe``), shared expert included.
 
     Top-$k$ of the logits ($k = 1$), sigmoid of the winners; the weight multiplies the expert
     **input** (``routed_in = hidden_states * router_scores``); SwiGLU experts (``gate_up_proj``
-    as stored, gate first); dropless; ``router_aux_loss_coef = 0.001``.
+    as stored, gate first); dropless; ``router_aux_loss_coef = 0.001``; one shared SwiGLU
+    expert added ungated (``shared_expert=False`` turns it off).
 
     Source: transformers v5.24.0 ``models/llama4/modeling_llama4.py``,
     ``configuration_llama4.py``.
@@ -250,6 +276,7 @@ def llama4(*, k: int = 1) -> SparseMoEOptions:
         apply_weight_to="input",
         load_balancing=HF_MIXTRAL,
         load_balancing_coef=0.001,
+        shared=SharedExpertOptions("add", SWIGLU) if shared_expert else None,
     )
 
 

@@ -172,9 +172,10 @@ class RouterOptions:
         ``DeepseekV3TopkRouter`` always).
     group_masked_score : float
         Value given to experts of the groups left out before the expert top-$k$: ``-inf``
-        (deepseek-ai/DeepSeek-V3 ``inference/model.py``) or ``0.0`` (HF
-        ``DeepseekV3TopkRouter.get_topk_indices``). They differ only when a selection value is
-        negative (a negative correction bias).
+        (deepseek-ai/DeepSeek-V3 ``inference/model.py``; transformers v5.24.0
+        ``DeepseekV3TopkRouter.forward``) or ``0.0`` (``DeepseekV3TopkRouter.get_topk_indices``
+        of older transformers releases). They differ only when a selection value is negative (a
+        negative correction bias).
     normalize : str
         Renormalisation of the $k$ gathered weights $g_{t1..k}$ (see
         [`normalize_route_weights`][moeref.router.normalize_route_weights]): ``"none"``
@@ -847,6 +848,26 @@ def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions()
 # --------------------------------------------------------------------------------------------
 
 
+def _from_output(x: Any, params: RouterParams, options: RouterOptions, output: Any, xp: Any) -> _Forward:
+    """The intermediates the VJP needs, read from a forward's ``RouterOutput`` (no top-k is run)."""
+    check_record_type(output, "output", RouterOutput)
+    check_record_type(output.routes, "output.routes", Routes)
+    T, E, k = x.shape[0], params.weight.shape[1], options.k
+    check_shape(output.routes.expert_index, "output.routes.expert_index", (T, k), what=f"T={T} tokens, options.k={k}")
+    check_shape(output.routes.kept, "output.routes.kept", (T, k), what=f"T={T} tokens, options.k={k}")
+    check_shape(output.scores, "output.scores", (T, E), what=f"T={T} tokens, E={E} experts")
+    check_shape(output.router_input, "output.router_input", tuple(x.shape), what="the (possibly jittered) router input, like x")
+    idx = xp.astype(output.routes.expert_index, xp.int64)
+    # the k winners' weights before normalisation: for the topk_* scores, output.scores holds them
+    # scattered to their experts, so gathering them back is exact
+    gathered = _gather(output.scores, idx)  # (T, k)
+    noise_pre = xp.matmul(output.router_input, params.noise_weight) if options.noisy_top_k else None  # (T, E)
+    return _Forward(
+        output.router_input, noise_pre, output.logits, output.noisy_logits, output.scores, output.selection_scores,
+        idx, gathered, None, output.routes.kept, output.routes.weight,
+    )
+
+
 def route_weights_vjp(
     x: Any,
     params: RouterParams,
@@ -884,8 +905,10 @@ def route_weights_vjp(
     x, params, options, draws
         As in [`route`][moeref.router.route].
     output : RouterOutput or None
-        The forward's output (its selection is checked against a recomputation); ``None``
-        recomputes it.
+        The forward's output. Its selection (``routes.expert_index``, ``routes.kept``) and its
+        intermediates (``router_input``, ``scores``) are used as they are: the VJP never runs a
+        top-$k$ again, so at a tie it differentiates the routes the forward actually took.
+        ``None`` runs the forward once here (the selection is then made in this call).
     cotangent_weight : array, shape (T, k)
         $\bar w$, the cotangent of ``routes.weight``.
 
@@ -899,20 +922,15 @@ def route_weights_vjp(
     -----
     At points where a selection changes (ties in the top-$k$, $g_2$ exactly at the threshold)
     the weights are discontinuous and this is the one-sided derivative with the forward's
-    selection.
+    selection. With ``output`` given, ``x``, ``params`` and ``draws`` must be those of the
+    forward (only the shapes are checked): the weights' values are taken from ``output``.
     """
     xp, T, E = _check_route_inputs(x, params, options, draws)
     draws = RouterDraws() if draws is None else draws
-    f = _forward(x, params, options, draws, xp)
     k = options.k
     check_shape(cotangent_weight, "cotangent_weight", (T, k))
     check_float_array(cotangent_weight, "cotangent_weight")
-    if output is not None:
-        check_record_type(output, "output", RouterOutput)
-        check_shape(output.routes.expert_index, "output.routes.expert_index", (T, k))
-        same = xp.all(xp.astype(output.routes.expert_index, xp.int64) == f.expert_index)
-        if concrete_bool(same) is False:
-            raise ValueError("output.routes.expert_index differs from the selection recomputed from x, params, options and draws")
+    f = _forward(x, params, options, draws, xp) if output is None else _from_output(x, params, options, output, xp)
 
     scale = 1.0 if options.normalize_after_capacity else options.routed_scaling_factor
     w_bar = xp.where(f.kept, scale * cotangent_weight, xp.zeros_like(cotangent_weight))  # (T, k)

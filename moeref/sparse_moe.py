@@ -21,6 +21,11 @@ Each step is one of moeref's building blocks, so every convention is an explicit
 [`moeref.aux_losses`][moeref.aux_losses]. [`moeref.presets`][moeref.presets] fills the options
 for real systems.
 
+Shared (always-on) experts join the routed output as ``options.shared`` says
+([`moeref.shared_experts`][moeref.shared_experts]: DeepSeek's ungated sum, Qwen2-MoE's sigmoid
+gate, DeepSpeed's Residual MoE, NLLB-200's Conditional MoE Routing):
+$y_t = a_t\, y^{\text{routed}}_t + b_t \sum_s \mathrm{FFN}^{\text{shared}}_s(x_t)$.
+
 The VJP [`sparse_moe_layer_vjp`][moeref.sparse_moe.sparse_moe_layer_vjp] chains the building
 blocks' VJPs with the selection, the capacity decisions and every random draw held fixed (no
 straight-through estimator).
@@ -35,18 +40,31 @@ from typing import Any, NamedTuple
 from .aux_losses import (
     SWITCH_TRANSFORMER,
     LoadBalancingLossOptions,
+    SequenceBalanceLossOptions,
     load_balancing_loss,
     load_balancing_loss_vjp,
     router_z_loss,
     router_z_loss_vjp,
+    sequence_balance_loss,
+    sequence_balance_loss_vjp,
 )
 from .capacity import CapacityDraws, CapacityOptions, apply_capacity
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, check_expert_ffn_params
-from .router import RouterDraws, RouterOptions, RouterParams, normalize_route_weights_vjp, renormalize_routes, route, route_weights_vjp
+from .router import (
+    RouterDraws,
+    RouterOptions,
+    RouterOutput,
+    RouterParams,
+    normalize_route_weights_vjp,
+    renormalize_routes,
+    route,
+    route_weights_vjp,
+)
 from .routes import Routes
-from .core import device_of
-from .validation import check_arrays, check_choice, check_float_array, check_record_type, check_shape, concrete_bool
+from .shared_experts import SharedExpertOptions, SharedExpertOutput, SharedExpertParams, check_shared_expert_params
+from .shared_experts import _combine as _combine_shared, _named as _shared_named, _vjp as _shared_vjp
+from .validation import check_arrays, check_choice, check_float_array, check_record_type, check_shape
 
 __all__ = [
     "SparseMoEParams",
@@ -76,10 +94,13 @@ class SparseMoEParams(NamedTuple):
         ``weight (d, E)``, optional ``bias (E,)``, ``noise_weight (d, E)``, ``selection_bias (E,)``.
     experts : ExpertFFNParams
         The $E$ expert FFNs (``w_in (E, d, K)``, ``w_out (E, I, d)``, ...).
+    shared : SharedExpertParams, optional
+        The shared experts and their gate; required exactly when ``options.shared`` is set.
     """
 
     router: RouterParams
     experts: ExpertFFNParams
+    shared: SharedExpertParams | None = None
 
 
 def _dropless() -> CapacityOptions:
@@ -116,6 +137,20 @@ class SparseMoEOptions:
     z_loss_coef : float
         $\beta$ of the router z-loss (ST-MoE, Zoph et al. 2022, eq. (5): $10^{-3}$; HF Switch
         ``router_z_loss_coef=0.001``). 0 disables it in the objective.
+    shared : SharedExpertOptions or None
+        Shared experts beside the routed ones (see
+        [`SharedExpertOptions`][moeref.shared_experts.SharedExpertOptions]): ``"add"``
+        (DeepSeek-V2/V3), ``"sigmoid_gate"`` (Qwen2-MoE), ``"residual_softmax"`` (DeepSpeed
+        Residual MoE), ``"nllb_cmr"`` (NLLB-200). None (default): no shared experts (Mixtral,
+        Switch, OLMoE, DBRX, GPT-OSS).
+    sequence_balance : SequenceBalanceLossOptions or None
+        Report DeepSeek-V3's complementary sequence-wise balance loss
+        ([`sequence_balance_loss`][moeref.aux_losses.sequence_balance_loss], on the top-$k$ of
+        the affinities as eq. (18) is printed; per sequence of ``sequence_length`` tokens, then
+        averaged). None (default): not computed.
+    sequence_balance_coef : float
+        Its $\alpha$ (DeepSeek-V3 Technical Report, Sec. 4.2: $10^{-4}$); needs
+        ``sequence_balance``.
     """
 
     router: RouterOptions = field(default_factory=RouterOptions)
@@ -125,6 +160,9 @@ class SparseMoEOptions:
     load_balancing: LoadBalancingLossOptions = SWITCH_TRANSFORMER
     load_balancing_coef: float = 0.0
     z_loss_coef: float = 0.0
+    shared: SharedExpertOptions | None = None
+    sequence_balance: SequenceBalanceLossOptions | None = None
+    sequence_balance_coef: float = 0.0
 
     def __post_init__(self) -> None:
         check_record_type(self.router, "options.router", RouterOptions)
@@ -132,10 +170,16 @@ class SparseMoEOptions:
         check_record_type(self.ffn, "options.ffn", ExpertFFN)
         check_record_type(self.load_balancing, "options.load_balancing", LoadBalancingLossOptions)
         check_choice(self.apply_weight_to, "options.apply_weight_to", _APPLY_WEIGHT_TO)
-        for name in ("load_balancing_coef", "z_loss_coef"):
+        if self.shared is not None:
+            check_record_type(self.shared, "options.shared", SharedExpertOptions)
+        if self.sequence_balance is not None:
+            check_record_type(self.sequence_balance, "options.sequence_balance", SequenceBalanceLossOptions)
+        for name in ("load_balancing_coef", "z_loss_coef", "sequence_balance_coef"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"options.{name} must be a finite number >= 0, got {v!r}")
+        if self.sequence_balance_coef != 0 and self.sequence_balance is None:
+            raise ValueError("options.sequence_balance_coef needs options.sequence_balance (a SequenceBalanceLossOptions)")
 
     @property
     def normalize_after_capacity(self) -> bool:
@@ -175,13 +219,22 @@ class SparseMoEOutput(NamedTuple):
         Live routes per (routing group, expert) before and after the capacity limit.
     capacity : int
         $C$ (for dropless: the largest count).
-    load_balancing_loss : array, shape (), or None
-        $\\mathcal L_\\text{balance}$ (unweighted), with ``options.load_balancing``; None when a
-        ``-inf`` router bias switches an expert off (the losses need finite logits).
-    z_loss : array, shape (), or None
-        $\\mathcal L_z$ (unweighted); None as above.
+    load_balancing_loss : array, shape ()
+        $\\mathcal L_\\text{balance}$ (unweighted), with ``options.load_balancing`` (an expert
+        switched off by a ``-inf`` router bias has probability 0 in it).
+    z_loss : array, shape ()
+        $\\mathcal L_z$ (unweighted).
     aux_loss : array, shape ()
-        $\\alpha\\,\\mathcal L_\\text{balance} + \\beta\\,\\mathcal L_z$.
+        $\\alpha\\,\\mathcal L_\\text{balance} + \\beta\\,\\mathcal L_z$, plus the sequence-wise
+        balance loss and the CMR budget loss times their coefficients when those are on.
+    sequence_balance_loss : array, shape (), or None
+        DeepSeek-V3's sequence-wise balance loss (unweighted), when ``options.sequence_balance``.
+    routed_y : array, shape (T, d)
+        The routed experts' output alone (``y`` without shared experts).
+    shared : SharedExpertOutput or None
+        The shared experts' output, gate and budget loss, when ``options.shared``.
+    router : RouterOutput
+        The router's full output (routes before capacity, router input); the VJP reuses it.
     """
 
     y: Any
@@ -194,18 +247,26 @@ class SparseMoEOutput(NamedTuple):
     load_balancing_loss: Any
     z_loss: Any
     aux_loss: Any
+    sequence_balance_loss: Any = None
+    routed_y: Any = None
+    shared: SharedExpertOutput | None = None
+    router: RouterOutput | None = None
 
 
 class SparseMoEAuxCotangents(NamedTuple):
-    """Cotangents of the two unweighted auxiliary losses (Python floats or 0-d arrays)."""
+    """Cotangents of the unweighted auxiliary losses (Python floats or 0-d arrays): balancing,
+    z-loss, DeepSeek-V3 sequence-wise balance, NLLB CMR budget."""
 
     load_balancing: Any = 0.0
     z_loss: Any = 0.0
+    sequence_balance: Any = 0.0
+    shared_budget: Any = 0.0
 
 
 class SparseMoEGrads(NamedTuple):
     """Cotangents of the layer's inputs: ``x (T, d)`` and ``params`` (a ``SparseMoEParams`` of
-    cotangents; ``None`` where a parameter is ``None``, zeros for ``router.selection_bias``)."""
+    cotangents; ``None`` where a parameter is ``None``, zeros for ``router.selection_bias``;
+    ``shared`` a ``SharedExpertParams`` of cotangents when the layer has shared experts)."""
 
     x: Any
     params: SparseMoEParams
@@ -214,17 +275,6 @@ class SparseMoEGrads(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
-
-
-_NON_FINITE_AUX = (
-    "the auxiliary losses need finite router logits, but a -inf router bias switches an expert off; "
-    "set {what} to 0 (the losses are then reported as None)"
-)
-
-
-def _finite_logits(logits: Any, xp: Any) -> bool:
-    """False when some logit is -inf (the router already rejects NaN and +inf); True if unknown (traced)."""
-    return concrete_bool(xp.all(logits > -math.inf)) is not False
 
 
 class _Forward(NamedTuple):
@@ -240,9 +290,20 @@ def _check(x: Any, params: Any, options: Any, draws: Any) -> tuple[Any, SparseMo
     check_record_type(params.experts, "params.experts", ExpertFFNParams)
     draws = SparseMoEDraws() if draws is None else draws
     check_record_type(draws, "draws", SparseMoEDraws)
-    xp = check_arrays({"x": x, "params.router.weight": params.router.weight, "params.experts.w_in": params.experts.w_in})
+    named = {"x": x, "params.router.weight": params.router.weight, "params.experts.w_in": params.experts.w_in}
+    if (options.shared is None) != (params.shared is None):
+        raise ValueError(
+            "params.shared must be given exactly when options.shared is set "
+            f"(options.shared is {'None' if options.shared is None else repr(options.shared.kind)}, "
+            f"params.shared is {'None' if params.shared is None else 'given'})"
+        )
+    if params.shared is not None:
+        named.update(_shared_named(params.shared, "params.shared"))
+    xp = check_arrays(named)
     check_float_array(x, "x", ndim=2)
     d = x.shape[1]
+    if params.shared is not None:
+        check_shared_expert_params(params.shared, options.shared, d, name="params.shared")
     E_ffn, _, _ = check_expert_ffn_params(params.experts, options.ffn, d=d, name="params.experts")
     check_float_array(params.router.weight, "params.router.weight", ndim=2)
     E = params.router.weight.shape[1]
@@ -275,7 +336,12 @@ def sparse_moe_layer(
     [`apply_capacity`][moeref.capacity.apply_capacity], $w$ the router's weights (renormalised over
     the kept routes when ``options.normalize_after_capacity``), the balancing loss of Fedus et al.
     (2021), arXiv:2101.03961, eq. (4) with the conventions of ``options.load_balancing``, and the
-    z-loss of Zoph et al. (2022), "ST-MoE", arXiv:2202.08906, eq. (5).
+    z-loss of Zoph et al. (2022), "ST-MoE", arXiv:2202.08906, eq. (5). With ``options.shared`` the
+    output is $a_t\, y_t + b_t \sum_s \mathrm{FFN}^\text{shared}_s(x_t)$
+    ([`combine_shared_experts`][moeref.shared_experts.combine_shared_experts]); with
+    ``options.sequence_balance`` the aux loss adds $\alpha_\text{seq}$ times DeepSeek-V3's
+    sequence-wise balance loss (DeepSeek-AI 2024, arXiv:2412.19437, eqs. (17)-(20)), and with an
+    NLLB CMR budget its budget loss.
 
     Parameters
     ----------
@@ -304,8 +370,11 @@ def sparse_moe_layer(
     losses reuse it. Ties in the top-$k$ go to the lower expert index; ties in the capacity
     priority to the lower $tk + j$. The balancing loss counts the routes selected before capacity
     unless ``options.load_balancing.count_dropped_routes`` is False. The experts see
-    ``RouterOutput.expert_input`` (the jittered input only with ``router.jitter_experts``).
-    Runs eagerly (block boundaries are Python ints), not under ``jax.jit``.
+    ``RouterOutput.expert_input`` (the jittered input only with ``router.jitter_experts``); the
+    shared experts and their gate see ``x``. A ``-inf`` router bias switches an expert off; the
+    losses stay finite (probability 0 for it) unless every expert of a token is off (the z-loss
+    is then infinite and raises). Runs eagerly (block boundaries are Python ints), not under
+    ``jax.jit``.
 
     Examples
     --------
@@ -323,18 +392,23 @@ def sparse_moe_layer(
     xp, draws = _check(x, params, options, draws)
     f = _forward(x, params, options, draws)
     r = f.router_out
-    y = dispatch_combine(r.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to)  # (T, d)
-    if _finite_logits(r.logits, xp):
-        lb = load_balancing_loss(r.logits, f.routes, options=options.load_balancing)
-        z = router_z_loss(r.logits)
-        aux = options.load_balancing_coef * lb + options.z_loss_coef * z
-    else:  # an expert switched off by a -inf router bias: the losses are undefined here
-        if options.load_balancing_coef != 0 or options.z_loss_coef != 0:
-            raise ValueError(_NON_FINITE_AUX.format(what="options.load_balancing_coef and options.z_loss_coef"))
-        lb = z = None
-        aux = xp.zeros((), dtype=x.dtype, device=device_of(x))
+    routed = dispatch_combine(r.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to)  # (T, d)
+    y, shared = routed, None
+    if options.shared is not None:
+        shared = _combine_shared(x, routed, params.shared, options.shared, xp)
+        y = shared.y  # (T, d)
+    lb = load_balancing_loss(r.logits, f.routes, options=options.load_balancing)
+    z = router_z_loss(r.logits)
+    aux = options.load_balancing_coef * lb + options.z_loss_coef * z
+    seq = None
+    if options.sequence_balance is not None:
+        seq = sequence_balance_loss(r.logits, options.router.k, options=options.sequence_balance)
+        aux = aux + options.sequence_balance_coef * seq
+    if shared is not None and shared.budget_loss is not None:
+        aux = aux + options.shared.budget_loss_coef * shared.budget_loss
     return SparseMoEOutput(
-        y, r.logits, r.scores, f.routes, f.report.counts_before, f.report.counts_after, f.report.capacity, lb, z, aux
+        y, r.logits, r.scores, f.routes, f.report.counts_before, f.report.counts_after, f.report.capacity, lb, z, aux,
+        sequence_balance_loss=seq, routed_y=routed, shared=shared, router=r,
     )
 
 
@@ -351,31 +425,35 @@ def sparse_moe_layer_vjp(
     *,
     draws: SparseMoEDraws | None = None,
     aux_cotangents: SparseMoEAuxCotangents | None = None,
+    output: SparseMoEOutput | None = None,
 ) -> SparseMoEGrads:
     r"""VJP of [`sparse_moe_layer`][moeref.sparse_moe.sparse_moe_layer] w.r.t. ``x`` and every parameter.
 
     The selection $e$, the capacity decisions $m$ and the draws are held fixed. With $\bar y$ and
-    the cotangents $\bar{\mathcal L}_\text{balance}$, $\bar{\mathcal L}_z$ of the two unweighted
-    losses:
+    the cotangents $\bar{\mathcal L}$ of the unweighted losses:
 
+    0. shared experts ([`combine_shared_experts_vjp`][moeref.shared_experts.combine_shared_experts_vjp]):
+       $y = a \odot y^{\text{routed}} + b \odot o$ gives $\bar y^{\text{routed}} = a \odot \bar y$,
+       the shared FFN and gate cotangents and their part of $\bar x$;
     1. dispatch: $(\bar x^{\text{exp}}, \bar\theta_e, \bar w) =$
-       [`dispatch_combine_vjp`][moeref.dispatch.dispatch_combine_vjp]$(\bar y)$, with
-       $\bar w_{tj} = m_{tj}\langle \bar y_t, \mathrm{FFN}_{e_{tj}}(x_t)\rangle$;
+       [`dispatch_combine_vjp`][moeref.dispatch.dispatch_combine_vjp]$(\bar y^{\text{routed}})$, with
+       $\bar w_{tj} = m_{tj}\langle \bar y^{\text{routed}}_t, \mathrm{FFN}_{e_{tj}}(x_t)\rangle$;
     2. capacity: routes dropped by capacity have $\bar w = 0$; with
        ``normalize_after_capacity`` the weights were $w = \rho\,\operatorname{normalize}(g, m)$, so
        $\bar g = \rho\,$[`normalize_route_weights_vjp`][moeref.router.normalize_route_weights_vjp]$(g, m, \bar w)$;
     3. router: $(\bar x^{\text{route}}, \bar W_r, \bar b_r, \dots) =$
-       [`route_weights_vjp`][moeref.router.route_weights_vjp]$(\bar g)$;
+       [`route_weights_vjp`][moeref.router.route_weights_vjp]$(\bar g)$, given the forward's
+       router output (no second top-$k$);
     4. auxiliary losses: $\bar z^{\text{aux}} = \bar{\mathcal L}_\text{balance}\,\partial_z \mathcal L_\text{balance}
-       + \bar{\mathcal L}_z\,\partial_z \mathcal L_z$ (their VJPs), chained through
-       $z = \tilde x W_r + b_r$, $\tilde x = x \odot u$:
+       + \bar{\mathcal L}_z\,\partial_z \mathcal L_z + \bar{\mathcal L}_\text{seq}\,\partial_z \mathcal L_\text{seq}$
+       (their VJPs), chained through $z = \tilde x W_r + b_r$, $\tilde x = x \odot u$:
 
     $$\bar W_r \mathrel{+}= \tilde x^\top \bar z^{\text{aux}}, \quad
     \bar b_r \mathrel{+}= \textstyle\sum_t \bar z^{\text{aux}}_t, \quad
     \bar x \mathrel{+}= (\bar z^{\text{aux}} W_r^\top) \odot u ;$$
 
-    5. $\bar x = \bar x^{\text{route}} + \bar x^{\text{exp}}$ (times $u$ when the experts see the
-       jittered input).
+    5. $\bar x = \bar x^{\text{route}} + \bar x^{\text{exp}} + \bar x^{\text{shared}}$ (the
+       expert part times $u$ when the experts see the jittered input).
 
     Parameters
     ----------
@@ -384,9 +462,14 @@ def sparse_moe_layer_vjp(
     cotangent_y : array, shape (T, d)
         $\bar y$.
     aux_cotangents : SparseMoEAuxCotangents, optional
-        $\bar{\mathcal L}_\text{balance}$ and $\bar{\mathcal L}_z$. Default: the coefficients
-        $(\alpha, \beta)$ of ``options``, i.e. the gradient of the training objective
-        $\langle \bar y, y\rangle + \mathcal L_\text{aux}$.
+        $\bar{\mathcal L}$ of the balancing loss, the z-loss, the sequence-wise balance loss and the
+        CMR budget loss. Default: their coefficients in ``options``, i.e. the gradient of the
+        training objective $\langle \bar y, y\rangle + \mathcal L_\text{aux}$.
+    output : SparseMoEOutput, optional
+        The forward's output for these inputs. Its router output, routes after capacity and
+        routed output are reused: the VJP then runs no top-$k$ and no capacity pass, so at a tie
+        it differentiates exactly the routes the forward took. Without it the forward's routing
+        is recomputed once here.
 
     Returns
     -------
@@ -400,44 +483,92 @@ def sparse_moe_layer_vjp(
     xp, draws = _check(x, params, options, draws)
     check_shape(cotangent_y, "cotangent_y", tuple(x.shape), what="the layer output, (T, d)")
     check_arrays({"x": x, "cotangent_y": cotangent_y})
-    if aux_cotangents is None:
-        aux_cotangents = SparseMoEAuxCotangents(options.load_balancing_coef, options.z_loss_coef)
-    check_record_type(aux_cotangents, "aux_cotangents", SparseMoEAuxCotangents)
-    f = _forward(x, params, options, draws)
-    r = f.router_out
+    aux_cotangents = _aux_cotangents(options, aux_cotangents)
+    r, routes, routed_y = _forward_state(x, params, options, draws, output)
     rp = params.router
     rdraws = draws.router if draws.router is not None else RouterDraws()
 
+    # 0. shared experts
+    ct_routed, x_bar, shared_grads = cotangent_y, None, None
+    if options.shared is not None:
+        if routed_y is None and options.shared.kind in ("residual_softmax", "nllb_cmr"):  # a_t depends on x
+            routed_y = dispatch_combine(r.expert_input, routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to)
+        sg = _shared_vjp(x, routed_y, params.shared, options.shared, cotangent_y, aux_cotangents.shared_budget, xp)
+        ct_routed, x_bar, shared_grads = sg.routed_y, sg.x, sg.params
+
     # 1. dispatch and combine
-    dg = dispatch_combine_vjp(r.expert_input, f.routes, params.experts, options.ffn, cotangent_y, apply_weight_to=options.apply_weight_to)
-    x_bar = dg.x  # (T, d)
+    dg = dispatch_combine_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed, apply_weight_to=options.apply_weight_to)
+    x_exp = dg.x  # (T, d)
     if options.router.jitter_experts and rdraws.jitter is not None:
-        x_bar = x_bar * rdraws.jitter
-    w_bar = xp.where(f.routes.kept, dg.routes.weight, xp.zeros_like(dg.routes.weight))  # (T, k)
+        x_exp = x_exp * rdraws.jitter
+    x_bar = x_exp if x_bar is None else x_bar + x_exp
+    w_bar = xp.where(routes.kept, dg.routes.weight, xp.zeros_like(dg.routes.weight))  # (T, k)
 
     # 2. capacity (and the deferred normalisation)
     if options.normalize_after_capacity:
         ro = options.router
         w_bar = ro.routed_scaling_factor * normalize_route_weights_vjp(
-            r.routes.weight, f.routes.kept, ro.normalize, w_bar, eps=ro.normalize_eps, p=ro.normalize_p
+            r.routes.weight, routes.kept, ro.normalize, w_bar, eps=ro.normalize_eps, p=ro.normalize_p
         )  # (T, k)
 
-    # 3. router weights
+    # 3. router weights, with the forward's selection
     rg = route_weights_vjp(x, rp, options.router, r, w_bar, rdraws)
     x_bar = x_bar + rg.x
     W_bar, b_bar = rg.params.weight, rg.params.bias
 
     # 4. auxiliary losses through z = x~ W + b
-    zero_aux = all(isinstance(c, (int, float)) and c == 0 for c in aux_cotangents)
-    if not zero_aux:
-        if not _finite_logits(r.logits, xp):
-            raise ValueError(_NON_FINITE_AUX.format(what="aux_cotangents (default: the loss coefficients)"))
-        z_bar = load_balancing_loss_vjp(r.logits, f.routes, aux_cotangents.load_balancing, options=options.load_balancing).logits
-        z_bar = z_bar + router_z_loss_vjp(r.logits, aux_cotangents.z_loss).logits  # (T, E)
+    z_bar = _aux_logits_cotangent(r.logits, routes, options, aux_cotangents, xp)  # (T, E) or None
+    if z_bar is not None:
         W_bar = W_bar + xp.matmul(xp.matrix_transpose(r.router_input), z_bar)  # (d, E)
         if b_bar is not None:
             b_bar = b_bar + xp.sum(z_bar, axis=0)  # (E,)
         xr_bar = xp.matmul(z_bar, xp.matrix_transpose(rp.weight))  # (T, d)
         x_bar = x_bar + (xr_bar if rdraws.jitter is None else xr_bar * rdraws.jitter)
     router_grads = rg.params._replace(weight=W_bar, bias=b_bar)
-    return SparseMoEGrads(x=x_bar, params=SparseMoEParams(router=router_grads, experts=dg.experts))
+    return SparseMoEGrads(x=x_bar, params=SparseMoEParams(router=router_grads, experts=dg.experts, shared=shared_grads))
+
+
+def _is_zero(c: Any) -> bool:
+    return isinstance(c, (int, float)) and c == 0
+
+
+def _aux_cotangents(options: SparseMoEOptions, aux: SparseMoEAuxCotangents | None) -> SparseMoEAuxCotangents:
+    """The given cotangents, checked against the losses the options compute; default: the coefficients."""
+    budget_coef = 0.0 if options.shared is None else options.shared.budget_loss_coef
+    if aux is None:
+        return SparseMoEAuxCotangents(options.load_balancing_coef, options.z_loss_coef, options.sequence_balance_coef, budget_coef)
+    check_record_type(aux, "aux_cotangents", SparseMoEAuxCotangents)
+    if options.sequence_balance is None and not _is_zero(aux.sequence_balance):
+        raise ValueError("aux_cotangents.sequence_balance is nonzero but options.sequence_balance is None (the loss is not computed)")
+    if (options.shared is None or options.shared.budget is None) and not _is_zero(aux.shared_budget):
+        raise ValueError("aux_cotangents.shared_budget is nonzero but there is no CMR budget loss (options.shared.budget is None)")
+    return aux
+
+
+def _forward_state(x: Any, params: SparseMoEParams, options: SparseMoEOptions, draws: SparseMoEDraws, output: Any) -> tuple[Any, Routes, Any]:
+    """``(router output, routes after capacity, routed output or None)``, from ``output`` when given."""
+    if output is None:
+        f = _forward(x, params, options, draws)
+        return f.router_out, f.routes, None
+    check_record_type(output, "output", SparseMoEOutput)
+    if output.router is None:
+        raise ValueError("output.router is None: pass the SparseMoEOutput that sparse_moe_layer returned for these inputs")
+    check_record_type(output.router, "output.router", RouterOutput)
+    T, k = x.shape[0], options.router.k
+    check_shape(output.routes.expert_index, "output.routes.expert_index", (T, k), what=f"T={T} tokens, options.router.k={k}")
+    check_shape(output.routes.kept, "output.routes.kept", (T, k), what=f"T={T} tokens, options.router.k={k}")
+    return output.router, output.routes, output.routed_y
+
+
+def _aux_logits_cotangent(logits: Any, routes: Routes, options: SparseMoEOptions, aux: SparseMoEAuxCotangents, xp: Any) -> Any:
+    """$\bar z$ of the balancing, z- and sequence-wise losses; None when every cotangent is 0."""
+    z_bar = None
+    if not _is_zero(aux.load_balancing):
+        z_bar = load_balancing_loss_vjp(logits, routes, aux.load_balancing, options=options.load_balancing).logits
+    if not _is_zero(aux.z_loss):
+        g = router_z_loss_vjp(logits, aux.z_loss).logits
+        z_bar = g if z_bar is None else z_bar + g
+    if not _is_zero(aux.sequence_balance):
+        g = sequence_balance_loss_vjp(logits, options.router.k, aux.sequence_balance, options=options.sequence_balance).logits
+        z_bar = g if z_bar is None else z_bar + g
+    return z_bar

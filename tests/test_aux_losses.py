@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -23,8 +24,11 @@ from moeref.aux_losses import (
     SHAZEER_RAU,
     SHAZEER_TENSOR2TENSOR,
     SWITCH_TRANSFORMER,
+    DEEPSEEK_V2_SEQUENCE_BALANCE,
+    DEEPSEEK_V3_SEQUENCE_BALANCE,
     LoadBalancingLossOptions,
     NoisyTopKDraws,
+    SequenceBalanceLossOptions,
     ShazeerLossOptions,
 )
 from moeref.core import top_k
@@ -130,9 +134,20 @@ def test_losses_and_vjps_agree_across_backends(backend, rng):
     grouped = replace(HF_MIXTRAL, group_size=4, count_dropped_routes=False)
     switch = replace(HF_SWITCH_TRANSFORMERS, group_size=4)
 
-    def run(z, u, eps, idx, mask, routes, z2, idx2, ct):
+    seq = replace(DEEPSEEK_V3_SEQUENCE_BALANCE, sequence_length=4)
+    z_off = np.where(np.arange(E) == 1, -np.inf, z)  # expert 1 switched off
+
+    idx_off = _top(z_off, K)
+
+    def run(z, u, eps, idx, mask, routes, z2, idx2, ct, z_off, idx_off):
         d = NoisyTopKDraws(eps)
         return (
+            al.sequence_balance_loss(z_off, K, options=seq),
+            al.sequence_balance_loss_vjp(z, idx, ct, options=seq).logits,
+            al.sequence_balance_loss_vjp(z_off, K, ct, options=replace(seq, score="softmax")).logits,
+            al.load_balancing_loss_vjp(z_off, idx_off, ct, options=HF_MIXTRAL).logits,
+            al.router_z_loss(z_off),
+            al.router_z_loss_vjp(z_off, ct, mask=mask, mask_mode="zero_logits").logits,
             al.importance_loss(z, u, d, K),
             al.importance_loss_vjp(z, u, d, K, ct)[:2],
             al.load_loss(z, u, d, K, options=SHAZEER_RAU),
@@ -147,7 +162,7 @@ def test_losses_and_vjps_agree_across_backends(backend, rng):
             al.router_z_loss_vjp(z, ct).logits,
         )
 
-    args = (z, u, eps, idx, mask, routes, z2, idx2, np.asarray(0.7))
+    args = (z, u, eps, idx, mask, routes, z2, idx2, np.asarray(0.7), z_off, idx_off)
     ref = run(*args)
     got = backend.tree_to_numpy(_on(backend, run, *backend.tree_from_numpy(args)))
     from helpers import leaves
@@ -384,6 +399,106 @@ def test_router_z_loss_vjp(rng, use_mask, mask_mode):
 
 
 # --------------------------------------------------------------------------------------------
+# DeepSeek-V3 sequence-wise balance loss
+# --------------------------------------------------------------------------------------------
+
+
+def test_sequence_balance_loss_hand_computed_case():
+    # two sequences of two tokens, E = 3 experts, K = 1; expert 2 is switched off (-inf logit).
+    # sigmoid(0) = 1/2, sigmoid(log 3) = 3/4, sigmoid(-inf) = 0.
+    l3 = np.log(3.0)
+    z = np.array([[0.0, l3, -np.inf], [0.0, l3, -np.inf], [l3, 0.0, -np.inf], [0.0, 0.0, -np.inf]])
+    sel = np.array([[1], [1], [0], [0]])
+    # sequence 1: s' = (0.4, 0.6, 0) twice, P = (0.4, 0.6, 0); counts (0, 2, 0), f = E/(K T) counts = (0, 3, 0)
+    # sequence 2: s' = (0.6, 0.4, 0), (0.5, 0.5, 0), P = (0.55, 0.45, 0); f = (3, 0, 0)
+    want = (3 * 0.6 + 3 * 0.55) / 2  # 1.725
+    opts = replace(DEEPSEEK_V3_SEQUENCE_BALANCE, sequence_length=2)
+    assert_close(al.sequence_balance_loss(z, sel, options=opts), want)
+    assert_close(al.sequence_balance_loss(z, Routes(sel, np.ones((4, 1)), np.zeros((4, 1), bool), sel), options=opts), want)
+    # K = 1 given as an int: the top-1 affinity; token 4 ties (0, 0): expert 0, the lower index
+    assert_close(al.sequence_balance_loss(z, 1, options=opts), want)
+    # one sequence of four tokens: P = (0.475, 0.525, 0), counts (2, 2, 0), f = 3/4 * counts
+    assert_close(al.sequence_balance_loss(z, sel), 1.5 * 0.475 + 1.5 * 0.525)
+    # softmax affinities (DeepSeek-V2): s' = softmax(z) directly
+    p = np.exp(np.where(np.isinf(z), -np.inf, z))
+    p /= p.sum(1, keepdims=True)
+    f = np.array([[0.0, 3.0, 0.0], [3.0, 0.0, 0.0]])
+    want_v2 = np.mean(np.sum(f * p.reshape(2, 2, 3).mean(1), axis=1))
+    assert_close(al.sequence_balance_loss(z, sel, options=replace(DEEPSEEK_V2_SEQUENCE_BALANCE, sequence_length=2)), want_v2)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_sequence_balance_loss_vjp(rng, score):
+    z = _logits(rng)
+    z[:, 3] = -np.inf  # an expert switched off: cotangent 0, no NaN
+    opts = SequenceBalanceLossOptions(score=score, sequence_length=4)
+    assert_vjp_correct(
+        f"sequence_balance_loss[{score}]",
+        lambda x, s: al.sequence_balance_loss(x, s, options=opts),
+        lambda x, s, g: (al.sequence_balance_loss_vjp(x, s, g, options=opts).logits, None),
+        (z, _top(z, K)),
+        np.asarray(0.8),
+        autograd=("torch",),
+    )
+    assert_vjp_correct(  # K as an int: the loss's own top-K of the affinities, held fixed
+        f"sequence_balance_loss[{score}, top-K]",
+        lambda x: al.sequence_balance_loss(x, K, options=opts),
+        lambda x, g: (al.sequence_balance_loss_vjp(x, K, g, options=opts).logits,),
+        (z,),
+        np.asarray(0.8),
+        autograd=("torch",),
+    )
+    g = al.sequence_balance_loss_vjp(z, K, 1.0, options=opts).logits
+    assert np.all(g[:, 3] == 0) and np.all(np.isfinite(g))
+
+
+def test_losses_with_minus_inf_logits_are_finite_and_switched_off_experts_get_zero_gradient(rng):
+    z = _logits(rng)
+    z_off = np.where(np.arange(E) == 2, -np.inf, z)
+    live = [0, 1, 3]
+    idx = _top(z_off, K)
+    assert not np.any(idx == 2)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        # z-loss: the -inf expert adds nothing to log-sum-exp
+        assert_close(al.router_z_loss(z_off), al.router_z_loss(z[:, live]))
+        g = al.router_z_loss_vjp(z_off, 1.0).logits
+        assert_close(g[:, live], al.router_z_loss_vjp(z[:, live], 1.0).logits)
+        assert np.all(g[:, 2] == 0)
+        # balance loss: probability 0 for the switched-off expert (the scale E still counts it)
+        assert_close(al.load_balancing_loss(z_off, idx, options=HF_MIXTRAL), _direct_balance(z_off, idx, fraction="all_routes"))
+        g = al.load_balancing_loss_vjp(z_off, idx, 1.0, options=HF_MIXTRAL).logits
+        assert np.all(g[:, 2] == 0) and np.all(np.isfinite(g))
+        for mask_mode in ("exclude", "zero_logits"):
+            mask = _mask(rng)
+            assert np.isfinite(float(al.router_z_loss(z_off, mask=mask, mask_mode=mask_mode)))
+            assert np.all(np.isfinite(al.router_z_loss_vjp(z_off, 1.0, mask=mask, mask_mode=mask_mode).logits))
+    assert_vjp_correct(
+        "load_balancing_loss[-inf]",
+        lambda x, i: al.load_balancing_loss(x, i, options=HF_MIXTRAL),
+        lambda x, i, c: (al.load_balancing_loss_vjp(x, i, c, options=HF_MIXTRAL).logits, None),
+        (z_off, idx),
+        np.asarray(0.7),
+        autograd=("torch",),
+    )
+    assert_vjp_correct(
+        "router_z_loss[-inf]",
+        lambda x: al.router_z_loss(x),
+        lambda x, c: (al.router_z_loss_vjp(x, c).logits,),
+        (z_off,),
+        np.asarray(0.7),
+        autograd=("torch",),
+    )
+    # a padding row may be all -inf; a counted one has no finite z-loss
+    dead = np.where(np.arange(T)[:, None] == 3, -np.inf, z)
+    mask = np.arange(T) != 3
+    assert np.isfinite(float(al.router_z_loss(dead, mask=mask)))
+    with pytest.raises(ValueError, match="logits row 3 is -inf for every expert"):
+        al.router_z_loss(dead)
+    assert np.isfinite(float(al.load_balancing_loss(dead, _top(z, K))))
+
+
+# --------------------------------------------------------------------------------------------
 # Properties
 # --------------------------------------------------------------------------------------------
 
@@ -480,6 +595,18 @@ def test_bad_input_names_the_argument(rng):
         al.load_balancing_loss(np.full_like(z, np.nan), idx)
     with pytest.raises(ValueError, match="logits contains NaN"):
         al.router_z_loss(np.where(z > 0, np.inf, z))
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        al.sequence_balance_loss(np.where(z > 0, np.nan, z), idx)
+    with pytest.raises(ValueError, match="sequence_length=3 does not divide the number of tokens T=8"):
+        al.sequence_balance_loss(z, idx, options=SequenceBalanceLossOptions(sequence_length=3))
+    with pytest.raises(ValueError, match="sequence_length must be None or a positive int"):
+        SequenceBalanceLossOptions(sequence_length=0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        SequenceBalanceLossOptions(score="tanh")
+    with pytest.raises(ValueError, match="k must be between 1 and 4"):
+        al.sequence_balance_loss(z, 5)
+    with pytest.raises(TypeError, match="options must be a SequenceBalanceLossOptions"):
+        al.sequence_balance_loss(z, idx, options=HF_MIXTRAL)
     with pytest.raises(ValueError, match=r"selection has shape \(7, 2\) but \(8, \*\) was expected"):
         al.load_balancing_loss(z, idx[:7])
     with pytest.raises(ValueError, match="expert indices outside"):

@@ -38,6 +38,7 @@ from moeref.presets import (
     vmoe,
 )
 from moeref.router import RouterDraws, RouterParams
+from moeref.shared_experts import SharedExpertParams
 from moeref.sparse_moe import SparseMoEAuxCotangents, SparseMoEDraws, SparseMoEOptions, SparseMoEParams, sparse_moe_layer, sparse_moe_layer_vjp
 from helpers import assert_vjp_correct, leaves, relative_error, torch_vjp
 
@@ -61,7 +62,16 @@ def make_params(rng, options, E):
         w_up=rng.normal(size=(E, D, I)) if ffn.gated and ffn.gate_up_layout == "separate" else None,
         b_up=rng.normal(size=(E, I)) if ffn.gated and ffn.gate_up_layout == "separate" else None,
     )
-    return SparseMoEParams(router, experts)
+    shared = None
+    if options.shared is not None:  # one shared expert of the same layout, and its gate when it has one
+        sffn = options.shared.ffn
+        SK = 2 * I if sffn.fused else I
+        w = options.shared.gate_width
+        shared = SharedExpertParams(
+            ExpertFFNParams(w_in=rng.normal(size=(1, D, SK)), w_out=rng.normal(size=(1, I, D))),
+            gate_weight=rng.normal(size=(D, w)) if w else None,
+        )
+    return SparseMoEParams(router, experts, shared=shared)
 
 
 def make_draws(rng, options, E):

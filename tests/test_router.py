@@ -199,7 +199,8 @@ def test_group_limited_top_k_matches_a_loop_over_tokens(rng, group_score, fill):
 
 
 def test_group_masked_score_matters_only_for_negative_selection_values():
-    # DeepSeek-V3: HF fills left-out groups with 0.0, the reference inference code with -inf
+    # DeepSeek-V3: older transformers fill left-out groups with 0.0; the reference inference code and
+    # transformers v5.24 with -inf (checked against the installed HF module in test_sparse_moe_peers.py)
     s = np.array([[0.1, 0.2, 0.9, 0.8]])  # sigmoid scores; group 1 (experts 2, 3) wins
     z = np.log(s / (1 - s))
     bias = np.array([0.0, 0.0, -1.0, -1.0])  # pushes the winning group's values below 0
@@ -441,6 +442,34 @@ def test_route_weights_vjp(rng, name):
     assert_vjp_correct(f"route_weights[{name}]", forward, vjp, (x, p), rng.normal(size=(T, opts.k)), autograd=autograd)
 
 
+def test_vjp_differentiates_the_forward_routes_and_never_selects_again(rng):
+    # experts 0 and 1 tie exactly on every token (equal columns, far ahead of the rest): the
+    # forward takes expert 0 (lower index). Both routes are valid at the tie; the VJP must follow
+    # the one in `output`, also after a perturbation that would flip a recomputed selection.
+    x = rng.normal(size=(T, D))
+    W = 0.1 * rng.normal(size=(D, E))
+    W[:, 1] = W[:, 0]
+    b = np.zeros(E)
+    b[:2] = 3.0
+    opts = RouterOptions(k=1, score="sigmoid")
+    out = route(x, RouterParams(W, b), opts)
+    assert np.all(out.routes.expert_index == 0)
+    ct = rng.normal(size=(T, 1))
+    taken = route_weights_vjp(x, RouterParams(W, b), opts, out, ct).params
+    assert np.any(taken.weight[:, 0] != 0) and np.all(taken.weight[:, 1] == 0)
+    # the other side of the tie, handed in as the forward's output: its expert gets the gradient
+    other = out._replace(routes=out.routes._replace(expert_index=np.ones_like(out.routes.expert_index)))
+    swapped = route_weights_vjp(x, RouterParams(W, b), opts, other, ct).params
+    np.testing.assert_array_equal(swapped.weight[:, [1, 0] + list(range(2, E))], taken.weight)
+    # a perturbation that breaks the tie towards expert 1 changes a fresh selection, not the VJP
+    b2 = b + np.where(np.arange(E) == 1, 1e-9, 0.0)
+    assert np.all(route(x, RouterParams(W, b2), opts).routes.expert_index == 1)
+    kept = route_weights_vjp(x, RouterParams(W, b2), opts, out, ct).params
+    np.testing.assert_array_equal(kept.weight, taken.weight)
+    fresh = route_weights_vjp(x, RouterParams(W, b2), opts, None, ct).params
+    assert np.all(fresh.weight[:, 0] == 0) and np.any(fresh.weight[:, 1] != 0)
+
+
 def test_normalize_route_weights_vjp(rng):
     g = rng.uniform(0.05, 0.5, size=(T, 3))
     kept = np.ones((T, 3), bool)
@@ -563,9 +592,11 @@ def test_bad_input_names_the_argument(rng):
     with pytest.raises(ValueError, match=r"cotangent_weight has shape \(6, 3\) but \(6, 2\) was expected"):
         route_weights_vjp(x, p, RouterOptions(k=2), None, np.zeros((T, 3)))
     out = route(x, p, RouterOptions(k=2))
-    with pytest.raises(ValueError, match="differs from the selection recomputed"):
-        wrong = out._replace(routes=out.routes._replace(expert_index=out.routes.expert_index[:, ::-1]))
+    with pytest.raises(ValueError, match=r"output.routes.expert_index has shape \(6, 1\) but \(6, 2\) was expected"):
+        wrong = out._replace(routes=out.routes._replace(expert_index=out.routes.expert_index[:, :1]))
         route_weights_vjp(x, p, RouterOptions(k=2), wrong, np.zeros((T, 2)))
+    with pytest.raises(TypeError, match="output must be a RouterOutput"):
+        route_weights_vjp(x, p, RouterOptions(k=2), out.routes, np.zeros((T, 2)))
     with pytest.raises(TypeError, match="share one dtype"):
         route(x.astype(np.float32), p)
     with pytest.raises(TypeError, match="kept must be a bool array"):
