@@ -17,9 +17,11 @@ from . import (
     datasets,
     dispatch,
     em,
+    em_init,
     expert_choice,
     expert_ffn,
     families,
+    gaussian_covariance,
     gaussian_experts,
     gaussian_gate,
     glm_experts,
@@ -37,6 +39,7 @@ from . import (
     sparse_moe,
     special,
     t_experts,
+    weighted_lstsq,
 )
 from .experts import LinearExpertsGrads, LinearExpertsParams, linear_experts, linear_experts_vjp
 from .gates import (
@@ -118,9 +121,11 @@ __all__ = [
     "datasets",
     "dispatch",
     "em",
+    "em_init",
     "expert_choice",
     "expert_ffn",
     "families",
+    "gaussian_covariance",
     "gaussian_experts",
     "gaussian_gate",
     "glm_experts",
@@ -138,6 +143,7 @@ __all__ = [
     "sparse_moe",
     "special",
     "t_experts",
+    "weighted_lstsq",
     # building blocks
     "LinearSoftmaxGateParams",
     "LinearSoftmaxGateGrads",

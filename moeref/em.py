@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .core import array_namespace
 from .validation import check_choice, check_positive_int, concrete_bool
@@ -40,7 +40,10 @@ __all__ = [
     "EMOptions",
     "MIXTOOLS",
     "EMResult",
+    "RestartRecord",
+    "PenalisedRun",
     "run_em",
+    "run_restarts",
     "stopping_rule_met",
     "aitken_limit",
     "find_loglik_decreases",
@@ -50,12 +53,15 @@ __all__ = [
     "InformationCriteria",
     "EMWarning",
     "LikelihoodDecreaseWarning",
+    "SeparationWarning",
     "ConvergenceWarning",
     "EMError",
     "LikelihoodDecreaseError",
     "NonFiniteLogLikelihoodError",
     "EmptyComponentError",
     "check_nonempty_components",
+    "check_nonnegative_float",
+    "first_true",
     "CollapsedVarianceError",
     "SingularWeightedLeastSquaresError",
 ]
@@ -74,6 +80,21 @@ class EMWarning(RuntimeWarning):
 
 class LikelihoodDecreaseWarning(EMWarning):
     """The log-likelihood went down between two EM iterations by more than round-off."""
+
+
+class SeparationWarning(EMWarning):
+    r"""A weighted logistic-type fit is separated: its maximum-likelihood coefficients do not exist.
+
+    Issued by the softmax gate's M-step ([`fit_weighted_multinomial`][moeref.softmax_gate.fit_weighted_multinomial],
+    also under the name ``moeref.softmax_gate.GateSeparationWarning``) and by the GLM experts'
+    M-steps (also ``moeref.glm_experts.SeparationWarning``). The weighted targets are
+    (quasi-)completely separated by a hyperplane (Albert & Anderson 1984, "On the existence of
+    maximum likelihood estimates in logistic regression models", Biometrika 71(1):1-10,
+    doi:10.1093/biomet/71.1.1), a class has no target mass, or, for Poisson experts, the counts are
+    all 0 on one side of a hyperplane: the weighted log-likelihood increases towards its supremum
+    only as the coefficients diverge. The fit stops when the objective has converged and returns
+    large finite coefficients; a ridge $\rho > 0$ makes the maximiser exist.
+    """
 
 
 class ConvergenceWarning(EMWarning):
@@ -195,6 +216,11 @@ class EMResult(NamedTuple):
     decreases : tuple of int
         Iterations $t$ at which $L^{(t)}$ fell below $L^{(t-1)}$ beyond round-off (empty for a
         healthy EM run).
+    restarts : tuple of RestartRecord
+        One record per EM run when the fit ran several (``init`` first, see
+        [`run_restarts`][moeref.em.run_restarts]); empty for a single [`run_em`][moeref.em.run_em] run.
+    best_restart : int
+        Index of the run returned (0 for a single run).
     """
 
     params: Any
@@ -213,6 +239,62 @@ class EMResult(NamedTuple):
     bic: float
     icl: float
     decreases: tuple[int, ...]
+    restarts: tuple = ()
+    best_restart: int = 0
+
+
+class RestartRecord(NamedTuple):
+    """Summary of one EM run of a fit with restarts (index 0 is ``init``).
+
+    Attributes
+    ----------
+    index : int
+        0 for ``init``, then the explicit restarts in the order given, then the random starts in
+        the order they were drawn.
+    loglik : float or None
+        Final (unpenalised) log-likelihood EM maximised; ``None`` if the run failed.
+    objective : float or None
+        Final penalised log-likelihood (the value the best run is chosen by; ``loglik`` without a
+        penalty).
+    n_iter : int
+    converged : bool
+    loglik_trace : tuple of float
+        The run's trace of the objective (empty if it failed).
+    error : str or None
+        ``"ErrorClass: message"`` of the [`EMError`][moeref.em.EMError] that stopped the run.
+    start
+        The starting parameters of the run (the model's record), so that any run can be replayed.
+    draws : array or None
+        For a random start, the uniforms it was built from (see [`moeref.em_init`][moeref.em_init]);
+        ``None`` for ``init`` and the explicit restarts.
+    """
+
+    index: int
+    loglik: float | None
+    objective: float | None
+    n_iter: int
+    converged: bool
+    loglik_trace: tuple[float, ...]
+    error: str | None
+    start: Any = None
+    draws: Any = None
+
+
+def first_true(flags: Any, /) -> int | None:
+    """Index of the first true entry of a 1-D boolean array, ``None`` if none is (one host read per entry
+    up to the first true one): names the component in a degeneracy error."""
+    xp = array_namespace(flags, names=("flags",))
+    if not concrete_bool(xp.any(flags)):
+        return None
+    return next(k for k in range(flags.shape[0]) if concrete_bool(flags[k]))
+
+
+def check_nonnegative_float(value: Any, name: str) -> float:
+    """``value`` as a float, if it is a finite non-negative Python number (a degeneracy threshold
+    such as ``min_weight`` or ``min_sigma``, a ridge); else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
+    return float(value)
 
 
 def check_nonempty_components(weights: Any, min_weight: float) -> Any:
@@ -220,9 +302,8 @@ def check_nonempty_components(weights: Any, min_weight: float) -> Any:
     xp = array_namespace(weights, names=("weights",))
     N, K = weights.shape
     n_k = xp.sum(weights, axis=0)  # (K,)
-    empty = (n_k <= 0) | (n_k < min_weight * N)
-    if concrete_bool(xp.any(empty)):
-        k = next(k for k in range(K) if concrete_bool(empty[k]))
+    k = first_true((n_k <= 0) | (n_k < min_weight * N))
+    if k is not None:
         raise EmptyComponentError(
             f"expert {k} has total weight {float(n_k[k]):.3e} (fraction {float(n_k[k]) / N:.3e} of N={N}) "
             f"< min_weight={min_weight:g}: it is empty and has nothing to fit"
@@ -580,3 +661,100 @@ def run_em(
         icl=crit.icl,
         decreases=tuple(decreases),
     )
+
+
+class PenalisedRun(NamedTuple):
+    r"""One EM run of a penalised fit: the driver's result and the penalty at each trace entry.
+
+    The fit functions with a ridge ([`fit_moe`][moeref.moe_em.fit_moe],
+    [`fit_hme`][moeref.hme_em.fit_hme]) run EM on $L - \text{penalty}$ and pass these to
+    [`run_restarts`][moeref.em.run_restarts]; ``n_iter``, ``converged`` and ``loglik_trace`` are those
+    of ``em``.
+
+    Attributes
+    ----------
+    em : EMResult
+        The driver's result (its ``loglik`` and ``loglik_trace`` are the penalised objective).
+    penalty_trace : tuple of float
+        The penalty at $\theta^{(0)}, \dots, \theta^{(T)}$.
+    """
+
+    em: EMResult
+    penalty_trace: tuple
+
+    @property
+    def n_iter(self) -> int:
+        return self.em.n_iter
+
+    @property
+    def converged(self) -> bool:
+        return self.em.converged
+
+    @property
+    def loglik_trace(self) -> tuple:
+        return self.em.loglik_trace
+
+
+def run_restarts(
+    fit_one: Callable[[Any], tuple[Any, float, float]],
+    starts: Sequence[Any],
+    draws: Sequence[Any] | None = None,
+) -> tuple[int, list[Any], tuple[RestartRecord, ...]]:
+    r"""Run one EM fit per starting point and pick the best: the explicit restarts of the fit functions.
+
+    Every start is run (there is no early exit and no hidden extra start); the run with the highest
+    final objective wins, the **first** one on ties. A run stopped by an
+    [`EMError`][moeref.em.EMError] (an empty component, a collapsed variance, ...) is recorded with
+    its error and skipped; if every run fails, the first error is raised, and with a single start
+    it propagates unchanged.
+
+    Parameters
+    ----------
+    fit_one : callable
+        ``fit_one(start) -> (result, objective, loglik)``; ``result`` has ``n_iter``, ``converged``
+        and ``loglik_trace`` (an [`EMResult`][moeref.em.EMResult] or a
+        [`PenalisedRun`][moeref.em.PenalisedRun]), ``objective`` is the final penalised
+        log-likelihood, ``loglik`` the unpenalised one.
+    starts : sequence
+        The starting points, ``init`` first.
+    draws : sequence, optional
+        Per start, the random draws it was built from (``None`` for an explicit start); copied
+        into the records.
+
+    Returns
+    -------
+    best : int
+        Index of the best run.
+    results : list
+        ``result`` of every run (``None`` for a failed one).
+    records : tuple of RestartRecord
+    """
+    starts = list(starts)
+    if not starts:
+        raise ValueError("run_restarts needs at least one start")
+    draws = [None] * len(starts) if draws is None else list(draws)
+    if len(draws) != len(starts):
+        raise ValueError(f"draws has {len(draws)} entries but there are {len(starts)} starts")
+    results: list[Any] = []
+    records: list[RestartRecord] = []
+    first_error: EMError | None = None
+    for idx, (start, drawn) in enumerate(zip(starts, draws)):
+        try:
+            res, objective, loglik = fit_one(start)
+        except EMError as err:
+            if len(starts) == 1:
+                raise
+            first_error = first_error or err
+            results.append(None)
+            records.append(RestartRecord(idx, None, None, 0, False, (), f"{type(err).__name__}: {err}", start, drawn))
+            continue
+        results.append(res)
+        records.append(
+            RestartRecord(idx, float(loglik), float(objective), res.n_iter, res.converged, res.loglik_trace, None, start, drawn)
+        )
+    ok = [i for i, r in enumerate(results) if r is not None]
+    if not ok:
+        assert first_error is not None
+        raise first_error
+    best = max(ok, key=lambda i: (records[i].objective, -i))
+    return best, results, tuple(records)

@@ -21,9 +21,24 @@ $\log\sum_k \exp\ell_k(x_i)$.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["ExpertFamily", "GateFamily"]
+__all__ = ["ExpertFamily", "GateFamily", "ExpertInputGrads"]
+
+
+class ExpertInputGrads(NamedTuple):
+    """Cotangents of an expert family's inputs, from its optional ``log_density_input_vjp``.
+
+    Attributes
+    ----------
+    x : array or None
+        Cotangent of ``x``; ``None`` when the density does not depend on it (constant experts).
+    y : array or None
+        Cotangent of ``y`` (same shape as ``y``); ``None`` where ``y`` is not differentiable.
+    """
+
+    x: Any
+    y: Any
 
 
 @runtime_checkable

@@ -43,17 +43,35 @@ Conventions
   $\hat\sigma_k^2 = \frac{N}{N - p}\,\frac{\sum_i w_{ik} r_{ik}^2}{\sum_i w_{ik}}$, and
   ``FLXMRglmfix(varFix=TRUE)`` pools with the same factor. mixtools' ``regmixEM`` and meteorits'
   ``NMoE`` use the ML value. flexmix's value is not the M-step maximiser, so an EM step with it
-  need not increase the likelihood.
+  need not increase the likelihood. ``variance="fixed"`` does not estimate the covariance: the
+  M-step keeps ``params.cov`` as given, it counts no free parameter, and gradient ascent does not
+  move it. That is the model of Jacobs, Jordan, Nowlan & Hinton (1991), whose error function
+  (their eq. (1.3)) is the mixture log-likelihood with $\Sigma_k = I$; it is also the only
+  well-posed choice for one-hot classification targets, whose ML covariance collapses to 0 as soon
+  as an expert owns a single class.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of
-from .em import CollapsedVarianceError, SingularWeightedLeastSquaresError, check_nonempty_components
+from .core import array_namespace
+from .em import check_nonempty_components, check_nonnegative_float
+from .families import ExpertInputGrads
+from .gaussian_covariance import (
+    COVARIANCE_STRUCTURES,
+    check_cov,
+    cov_constrained,
+    cov_constrained_vjp,
+    cov_count,
+    cov_from_matrices,
+    cov_matrices,
+    cov_unconstrained,
+    residual_log_density,
+    residual_log_density_vjp,
+    weighted_cov_mle,
+)
 from .validation import (
     check_responsibilities,
     check_choice,
@@ -61,8 +79,8 @@ from .validation import (
     check_float_array,
     check_same_dtype,
     check_shape,
-    concrete_bool,
 )
+from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
 
 __all__ = [
     "EXPERT_COVARIANCE_TYPES",
@@ -74,21 +92,13 @@ __all__ = [
     "ConstantGaussianExperts",
 ]
 
-EXPERT_COVARIANCE_TYPES: tuple[str, ...] = ("full", "diagonal", "isotropic")
-"""Covariance structures of the Gaussian expert families (see the module conventions)."""
+EXPERT_COVARIANCE_TYPES: tuple[str, ...] = COVARIANCE_STRUCTURES
+"""Covariance structures of the Gaussian expert families (see the module conventions and
+[`moeref.gaussian_covariance`][moeref.gaussian_covariance], which stores and fits them)."""
 
-VARIANCE_CONVENTIONS: tuple[str, ...] = ("ml", "flexmix")
-"""``"ml"``: maximum likelihood; ``"flexmix"``: ML times $N/(N-p)$, as flexmix's ``FLXMRglm``."""
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-class ExpertInputGrads(NamedTuple):
-    """Cotangents of an expert family's inputs ``x`` and ``y`` (``x`` is ``None`` when the
-    density does not depend on it)."""
-
-    x: Any
-    y: Any
+VARIANCE_CONVENTIONS: tuple[str, ...] = ("ml", "flexmix", "fixed")
+r"""``"ml"``: maximum likelihood; ``"flexmix"``: ML times $N/(N-p)$, as flexmix's ``FLXMRglm``;
+``"fixed"``: not estimated (``params.cov`` kept, e.g. $\Sigma_k = I$ as in Jacobs et al. 1991)."""
 
 
 class LinearGaussianExpertsParams(NamedTuple):
@@ -127,239 +137,13 @@ class ConstantGaussianExpertsParams(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Shared private helpers (also used by the Laplace and t expert modules)
+# Private helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_nonneg_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite non-negative float, got {value!r}")
-    return float(value)
 
 
 def _as_2d_y(y: Any, xp: Any) -> Any:
     """``(N,) -> (N, 1)``; ``(N, D)`` unchanged."""
     return xp.reshape(y, (y.shape[0], 1)) if y.ndim == 1 else y
-
-
-def _eye(n: int, like: Any, xp: Any) -> Any:
-    return xp.eye(n, dtype=like.dtype, device=device_of(like))
-
-
-def _design(x: Any, bias: bool, xp: Any) -> Any:
-    """``[x, 1]`` (N, d + 1) when ``bias``, else ``x``."""
-    if not bias:
-        return x
-    ones = xp.ones((x.shape[0], 1), dtype=x.dtype, device=device_of(x))
-    return xp.concat([x, ones], axis=1)
-
-
-
-
-
-
-def _weighted_least_squares(design: Any, y2: Any, weights: Any, xp: Any) -> Any:
-    r"""Per-expert weighted least squares $\Theta_k = (X^\top W_k X)^{-1} X^\top W_k Y$.
-
-    design (N, p), y2 (N, D), weights (N, K) -> (K, p, D). Raises
-    `SingularWeightedLeastSquaresError` when some $X^\top W_k X$ has condition number above
-    $1/(p\,\varepsilon)$ (the threshold of `regression_mixture_m_step`).
-    """
-    p = design.shape[1]
-    K = weights.shape[1]
-    xw = xp.matrix_transpose(weights)[:, None, :] * xp.matrix_transpose(design)[None, :, :]  # (K, p, N)
-    gram = xw @ design  # (K, p, p)
-    rhs = xw @ y2  # (K, p, D)
-    eig = xp.linalg.eigvalsh(gram)  # (K, p), ascending
-    eps = float(xp.finfo(design.dtype).eps)
-    singular = (eig[:, p - 1] <= 0) | (eig[:, 0] <= eig[:, p - 1] * (p * eps))  # (K,)
-    if concrete_bool(xp.any(singular)):
-        k = next(k for k in range(K) if concrete_bool(singular[k]))
-        raise SingularWeightedLeastSquaresError(
-            f"expert {k}: the weighted Gram matrix X^T W X is singular to working precision "
-            f"(eigenvalues {float(eig[k, 0]):.3e} .. {float(eig[k, p - 1]):.3e}); the expert has too few "
-            f"effective points for its p={p} regression coefficients"
-        )
-    return xp.linalg.solve(gram, rhs)  # (K, p, D)
-
-
-def _split_theta(theta: Any, d: int, bias: bool, xp: Any) -> tuple[Any, Any]:
-    """(K, p, D) -> weight (K, d, D), bias (K, D) (zeros when not fitted)."""
-    weight = theta[:, :d, :]
-    if bias:
-        return weight, theta[:, d, :]
-    return weight, xp.zeros((theta.shape[0], theta.shape[2]), dtype=theta.dtype, device=device_of(theta))
-
-
-def _name_first(flags: Any, K: int) -> int:
-    return next(k for k in range(K) if concrete_bool(flags[k]))
-
-
-# ---------------------------------------------------------------- covariance parameterisations
-
-
-def _diag(m: Any, xp: Any) -> Any:
-    """Diagonal of a batch of square matrices (..., D, D) -> (..., D)."""
-    return xp.sum(m * _eye(m.shape[-1], m, xp), axis=-1)
-
-
-def _check_cov(cov: Any, structure: str, Kc: int, D: int, name: str, xp: Any) -> None:
-    check_float_array(cov, name)
-    tied = "tied=True: one shared covariance" if Kc == 1 else f"K={Kc} experts"
-    if structure == "full":
-        check_shape(cov, name, (Kc, D, D), what=f'covariance="full" stores Cholesky factors; {tied}, D={D}')
-        check_finite(cov, name)
-        if concrete_bool(xp.all(_diag(cov, xp) > 0)) is False:
-            raise ValueError(f'{name} must have a positive diagonal (a lower Cholesky factor, covariance="full")')
-    elif structure == "diagonal":
-        check_shape(cov, name, (Kc, D), what=f'covariance="diagonal" stores variances; {tied}, D={D}')
-        check_finite(cov, name)
-        if concrete_bool(xp.all(cov > 0)) is False:
-            raise ValueError(f'{name} must be positive (variances, covariance="diagonal")')
-    else:
-        check_shape(cov, name, (Kc,), what=f'covariance="isotropic" stores one variance per expert; {tied}')
-        check_finite(cov, name)
-        if concrete_bool(xp.all(cov > 0)) is False:
-            raise ValueError(f'{name} must be positive (variances, covariance="isotropic")')
-
-
-def _cov_log_density(structure: str, cov: Any, r: Any, xp: Any) -> Any:
-    r"""$\log\mathcal N(r_{ik} \mid 0, \Sigma_k)$ for residuals r (K, N, D) -> (K, N)."""
-    K, N, D = r.shape
-    if structure == "full":
-        L = xp.broadcast_to(xp.tril(cov), (K, D, D))  # (K, D, D)
-        z = xp.linalg.solve(L, xp.matrix_transpose(r))  # (K, D, N): L^{-1} r
-        maha = xp.sum(z * z, axis=1)  # (K, N)
-        logdet = 2.0 * xp.sum(xp.log(_diag(L, xp)), axis=-1)  # (K,)
-        return -0.5 * (D * _LOG_2PI + logdet[:, None] + maha)
-    if structure == "diagonal":
-        v = cov[:, None, :]  # (K', 1, D)
-        return -0.5 * xp.sum(_LOG_2PI + xp.log(v) + r * r / v, axis=-1)  # (K, N)
-    v = cov[:, None]  # (K', 1)
-    return -0.5 * (D * (_LOG_2PI + xp.log(v)) + xp.sum(r * r, axis=-1) / v)  # (K, N)
-
-
-def _cov_vjp(structure: str, cov: Any, r: Any, c: Any, xp: Any) -> tuple[Any, Any]:
-    r"""Cotangents of $\log\mathcal N(r \mid 0, \Sigma)$ for a cotangent c (K, N).
-
-    Returns ``(g, cov_bar)`` with $g_{ik} = c_{ik}\,\Sigma_k^{-1} r_{ik}$ (K, N, D), the cotangent of
-    the **mean** (minus that of $r$), and ``cov_bar`` shaped like ``cov`` (summed over experts when
-    tied).
-    """
-    K, N, D = r.shape
-    tied = cov.shape[0] == 1 and K > 1
-    cc = c[:, :, None]  # (K, N, 1)
-    if structure == "full":
-        L = xp.broadcast_to(xp.tril(cov), (K, D, D))  # (K, D, D)
-        z = xp.linalg.solve(L, xp.matrix_transpose(r))  # (K, D, N): L^{-1} r
-        s = xp.linalg.solve(xp.matrix_transpose(L), z)  # (K, D, N): Sigma^{-1} r
-        g = xp.matrix_transpose(s) * cc  # (K, N, D)
-        outer = xp.matrix_transpose(g) @ xp.matrix_transpose(z)  # (K, D, D): sum_i c s z^T
-        inv_diag = 1.0 / _diag(L, xp)  # (K, D)
-        c_k = xp.sum(c, axis=1)  # (K,)
-        L_bar = outer - (c_k[:, None] * inv_diag)[:, :, None] * _eye(D, r, xp)  # (K, D, D)
-        if tied:
-            L_bar = xp.sum(L_bar, axis=0, keepdims=True)
-        return g, xp.tril(L_bar)
-    if structure == "diagonal":
-        v = cov[:, None, :]  # (K', 1, D)
-        g = cc * r / v  # (K, N, D)
-        v_bar = 0.5 * xp.sum(cc * (r * r / (v * v) - 1.0 / v), axis=1)  # (K, D)
-        return g, (xp.sum(v_bar, axis=0, keepdims=True) if tied else v_bar)
-    v = cov[:, None]  # (K', 1)
-    g = cc * r / v[:, :, None]  # (K, N, D)
-    v_bar = 0.5 * xp.sum(c * (xp.sum(r * r, axis=-1) / (v * v) - D / v), axis=1)  # (K,)
-    return g, (xp.sum(v_bar, axis=0, keepdims=True) if tied else v_bar)
-
-
-def _cov_mle(structure: str, r: Any, weights: Any, *, tied: bool, factor: float, min_sigma: float, xp: Any) -> Any:
-    r"""Weighted ML covariance parameter from residuals r (K, N, D) and weights (N, K).
-
-    $S_k = \sum_i w_{ik} r_{ik} r_{ik}^\top / \sum_i w_{ik}$ (untied) or
-    $S = \sum_{i,k} w_{ik} r_{ik} r_{ik}^\top / \sum_{i,k} w_{ik}$ (tied), restricted to the diagonal
-    or to $\operatorname{tr}(S)/D$ for the other structures, times ``factor``; then its Cholesky
-    factor (full). Raises `CollapsedVarianceError`.
-    """
-    K, N, D = r.shape
-    w = xp.matrix_transpose(weights)[:, :, None]  # (K, N, 1)
-    n_k = xp.sum(weights, axis=0)  # (K,)
-    if structure == "full":
-        S = xp.matrix_transpose(w * r) @ r  # (K, D, D)
-        S = 0.5 * (S + xp.matrix_transpose(S))
-    elif structure == "diagonal":
-        S = xp.sum(w * r * r, axis=1)  # (K, D)
-    else:
-        S = xp.sum(w * r * r, axis=(1, 2)) / D  # (K,)
-    if tied:
-        S = xp.sum(S, axis=0, keepdims=True) / xp.sum(n_k)
-    else:
-        S = S / xp.reshape(n_k, (K,) + (1,) * (S.ndim - 1))
-    S = S * factor
-    floor = float(min_sigma) ** 2
-    eps = float(xp.finfo(r.dtype).eps)
-    if structure == "full":
-        eig = xp.linalg.eigvalsh(S)  # (K', D), ascending
-        lo, hi = eig[:, 0], eig[:, D - 1]
-    elif structure == "diagonal":
-        lo, hi = xp.min(S, axis=1), xp.max(S, axis=1)
-    else:
-        lo, hi = S, S
-    collapsed = (lo < floor) | (lo <= hi * (D * eps))  # (K',)
-    if concrete_bool(xp.any(collapsed)):
-        k = _name_first(collapsed, S.shape[0])
-        who = "the shared (tied) covariance" if tied else f"expert {k}"
-        raise CollapsedVarianceError(
-            f"{who}: the fitted covariance has smallest eigenvalue {float(lo[k]):.3e} (largest {float(hi[k]):.3e}), "
-            f"below min_sigma**2={floor:g} or singular to working precision; its residuals lie on a "
-            "lower-dimensional set and the likelihood is unbounded there"
-        )
-    return xp.linalg.cholesky(S) if structure == "full" else S
-
-
-def _cov_matrices(structure: str, cov: Any, D: int, xp: Any) -> Any:
-    if structure == "full":
-        L = xp.tril(cov)
-        return L @ xp.matrix_transpose(L)
-    eye = _eye(D, cov, xp)
-    if structure == "diagonal":
-        return cov[:, :, None] * eye
-    return cov[:, None, None] * eye
-
-
-def _cov_from_matrices(structure: str, sigma: Any, xp: Any) -> Any:
-    check_float_array(sigma, "covariance", ndim=3)
-    D = sigma.shape[-1]
-    check_shape(sigma, "covariance", (sigma.shape[0], D, D), what="square matrices")
-    if structure == "full":
-        return xp.linalg.cholesky(0.5 * (sigma + xp.matrix_transpose(sigma)))
-    dg = _diag(sigma, xp)  # (K', D)
-    return dg if structure == "diagonal" else xp.mean(dg, axis=1)
-
-
-def _cov_unconstrained(structure: str, cov: Any, xp: Any) -> Any:
-    """Full: the Cholesky factor with its diagonal logged; diagonal / isotropic: log-variances."""
-    if structure != "full":
-        return xp.log(cov)
-    eye = _eye(cov.shape[-1], cov, xp)
-    return xp.tril(cov) * (1.0 - eye) + xp.log(_diag(cov, xp))[..., None] * eye
-
-
-def _cov_constrained(structure: str, free: Any, xp: Any) -> Any:
-    if structure != "full":
-        return xp.exp(free)
-    eye = _eye(free.shape[-1], free, xp)
-    return xp.tril(free) * (1.0 - eye) + xp.exp(_diag(free, xp))[..., None] * eye
-
-
-def _cov_constrained_vjp(structure: str, free: Any, cov_bar: Any, xp: Any) -> Any:
-    if structure != "full":
-        return cov_bar * xp.exp(free)
-    eye = _eye(free.shape[-1], free, xp)
-    return xp.tril(cov_bar) * (1.0 - eye) + (_diag(cov_bar, xp) * xp.exp(_diag(free, xp)))[..., None] * eye
-
-
-def _cov_count(structure: str, D: int) -> int:
-    return D * (D + 1) // 2 if structure == "full" else (D if structure == "diagonal" else 1)
 
 
 @dataclass(frozen=True)
@@ -375,8 +159,8 @@ class _GaussianOptions:
         check_choice(self.variance, "variance", VARIANCE_CONVENTIONS)
         if not isinstance(self.tied, bool):
             raise TypeError(f"tied must be a bool, got {type(self.tied).__name__} {self.tied!r}")
-        _check_nonneg_float(self.min_weight, "min_weight")
-        _check_nonneg_float(self.min_sigma, "min_sigma")
+        check_nonnegative_float(self.min_weight, "min_weight")
+        check_nonnegative_float(self.min_sigma, "min_sigma")
 
     def covariance_matrices(self, params: Any) -> Any:
         r"""$\Sigma_k$ from ``params.cov``: array (K', D, D), $K' = 1$ when tied.
@@ -390,9 +174,9 @@ class _GaussianOptions:
         >>> fam.covariance_matrices(p)[1].tolist()
         [[4.0, 0.0], [0.0, 4.0]]
         """
-        xp = array_namespace(params.cov, names=("params.cov",))
+        array_namespace(params.cov, names=("params.cov",))  # a clear error for a non-array
         D = params[0].shape[-1]
-        return _cov_matrices(self.covariance, params.cov, D, xp)
+        return cov_matrices(self.covariance, params.cov, D)
 
     def cov_from_matrices(self, covariance: Any) -> Any:
         r"""The stored ``cov`` field for covariance matrices $\Sigma_k$, shape (K', D, D).
@@ -400,8 +184,8 @@ class _GaussianOptions:
         Full: the lower Cholesky factor; diagonal: the diagonals; isotropic: $\operatorname{tr}(\Sigma_k)/D$
         (the nearest isotropic matrix in Frobenius norm).
         """
-        xp = array_namespace(covariance, names=("covariance",))
-        return _cov_from_matrices(self.covariance, covariance, xp)
+        array_namespace(covariance, names=("covariance",))  # a clear error for a non-array
+        return cov_from_matrices(self.covariance, covariance)
 
     # ---------------------------------------------------------------- unconstrained view
 
@@ -413,19 +197,36 @@ class _GaussianOptions:
         variance-covariance matrices", Statistics and Computing 6:289-296, doi:10.1007/BF00140873);
         diagonal / isotropic: $\log v$.
         """
-        xp = array_namespace(params.cov, names=("params.cov",))
-        return params._replace(cov=_cov_unconstrained(self.covariance, params.cov, xp))
+        array_namespace(params.cov, names=("params.cov",))  # a clear error for a non-array
+        return params._replace(cov=cov_unconstrained(self.covariance, params.cov))
 
     def constrained(self, free: Any) -> Any:
         r"""Inverse of [`unconstrained`][moeref.gaussian_experts.LinearGaussianExperts.unconstrained]."""
-        xp = array_namespace(free.cov, names=("free.cov",))
-        return free._replace(cov=_cov_constrained(self.covariance, free.cov, xp))
+        array_namespace(free.cov, names=("free.cov",))  # a clear error for a non-array
+        return free._replace(cov=cov_constrained(self.covariance, free.cov))
 
     def constrained_vjp(self, free: Any, params_bar: Any) -> Any:
         r"""Chain rule through ``constrained``: $\overline{\log v} = v\,\bar v$ and, for a full
-        covariance, $\overline{\log L_{jj}} = L_{jj}\bar L_{jj}$ (off-diagonal entries unchanged)."""
+        covariance, $\overline{\log L_{jj}} = L_{jj}\bar L_{jj}$ (off-diagonal entries unchanged);
+        0 under ``variance="fixed"`` (the covariance is a constant, not a parameter)."""
         xp = array_namespace(free.cov, params_bar.cov, names=("free.cov", "params_bar.cov"))
-        return params_bar._replace(cov=_cov_constrained_vjp(self.covariance, free.cov, params_bar.cov, xp))
+        if self.variance == "fixed":  # a constant: no cotangent flows to it, gradient ascent keeps it
+            return params_bar._replace(cov=xp.zeros_like(free.cov))
+        return params_bar._replace(cov=cov_constrained_vjp(self.covariance, free.cov, params_bar.cov))
+
+    def _n_cov_parameters(self, K: int, D: int) -> int:
+        """Free covariance entries: $K'$ covariances of `cov_count` entries, none when fixed."""
+        if self.variance == "fixed":
+            return 0
+        return (1 if self.tied else K) * cov_count(self.covariance, D)
+
+    def _m_step_cov(self, params: Any, r: Any, weights: Any, N: int, p: int) -> Any:
+        """The M-step's covariance: ``params.cov`` when fixed, else the weighted ML (times the flexmix factor)."""
+        if self.variance == "fixed":
+            return params.cov
+        return weighted_cov_mle(
+            self.covariance, r, weights, tied=self.tied, factor=self._factor(N, p), min_sigma=self.min_sigma
+        )
 
     def _factor(self, N: int, p: int) -> float:
         if self.variance == "ml":
@@ -456,8 +257,10 @@ class LinearGaussianExperts(_GaussianOptions):
         Structure of $\Sigma_k$; see the module conventions for the stored form.
     tied : bool
         One covariance shared by every expert (``cov`` has leading dimension 1).
-    variance : {"ml", "flexmix"}
-        ``"ml"``: maximum-likelihood covariance (default). ``"flexmix"``: ML times $N/(N-p)$.
+    variance : {"ml", "flexmix", "fixed"}
+        ``"ml"``: maximum-likelihood covariance (default; mixtools, meteorits). ``"flexmix"``: ML
+        times $N/(N-p)$ (flexmix ``FLXMRglm``). ``"fixed"``: ``params.cov`` is kept (Jacobs et al.
+        1991 fix $\Sigma_k = I$).
     bias : bool
         Fit the bias $c_k$. With ``False`` the bias is fixed at 0 (``params.bias`` must be zeros).
     min_weight : float
@@ -503,7 +306,7 @@ class LinearGaussianExperts(_GaussianOptions):
         check_shape(params.weight, "params.weight", (K, d, D), what=f"x has d={d} features")
         check_float_array(params.bias, "params.bias", ndim=2)
         check_shape(params.bias, "params.bias", (K, D), what=f"params.weight holds K={K} experts with D={D} outputs")
-        _check_cov(params.cov, self.covariance, 1 if self.tied else K, D, "params.cov", xp)
+        check_cov(params.cov, self.covariance, 1 if self.tied else K, D, "params.cov")
         if y is not None:
             check_float_array(y, "y", ndim=(1, 2))
             check_shape(y, "y", (N,) if y.ndim == 1 else (N, D), what=f"x has N={N} rows; the experts have D={D} outputs")
@@ -541,7 +344,7 @@ class LinearGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        return xp.matrix_transpose(_cov_log_density(self.covariance, params.cov, r, xp))  # (N, K)
+        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))  # (N, K)
 
     def log_density_vjp(self, params: LinearGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> LinearGaussianExpertsParams:
         r"""VJP of [`log_density`][moeref.gaussian_experts.LinearGaussianExperts.log_density] with respect to ``params``.
@@ -569,7 +372,7 @@ class LinearGaussianExperts(_GaussianOptions):
         check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and expert, like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        g, cov_bar = _cov_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # (K, N, D)
+        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # (K, N, D)
         w_bar = xp.matmul(xp.matrix_transpose(x)[None, :, :], g)  # (K, d, D)
         b_bar = xp.sum(g, axis=1) if self.bias else xp.zeros_like(params.bias)  # (K, D)
         return LinearGaussianExpertsParams(weight=w_bar, bias=b_bar, cov=cov_bar)
@@ -586,7 +389,7 @@ class LinearGaussianExperts(_GaussianOptions):
         K = params.weight.shape[0]
         check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and expert, like log_density")
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        g, _ = _cov_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # (K, N, D)
+        g, _ = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # (K, N, D)
         x_bar = xp.sum(xp.matmul(g, xp.matrix_transpose(params.weight)), axis=0)  # (N, d)
         y_bar = -xp.sum(g, axis=0)  # (N, D)
         return ExpertInputGrads(x=x_bar, y=xp.reshape(y_bar, y.shape))
@@ -640,23 +443,19 @@ class LinearGaussianExperts(_GaussianOptions):
         check_finite(x, "x")
         check_finite(y, "y")
         check_nonempty_components(weights, self.min_weight)
-        design = _design(x, self.bias, xp)  # (N, p)
+        design = design_matrix(x, bias=self.bias)  # (N, p)
         y2 = _as_2d_y(y, xp)  # (N, D)
-        theta = _weighted_least_squares(design, y2, weights, xp)  # (K, p, D)
-        weight, bias = _split_theta(theta, d, self.bias, xp)
+        theta = weighted_least_squares(design, y2, weights)  # (K, p, D)
+        weight, bias = split_coefficients(theta, d, bias=self.bias)
         r = y2[None, :, :] - xp.matmul(design[None, :, :], theta)  # (K, N, D)
-        cov = _cov_mle(
-            self.covariance, r, weights, tied=self.tied, factor=self._factor(x.shape[0], design.shape[1]),
-            min_sigma=self.min_sigma, xp=xp,
-        )
+        cov = self._m_step_cov(params, r, weights, x.shape[0], design.shape[1])
         return LinearGaussianExpertsParams(weight=weight, bias=bias, cov=cov)
 
     def n_free_parameters(self, params: LinearGaussianExpertsParams) -> int:
         r"""$K D (d + 1)$ regression coefficients ($K D d$ without bias) plus $K'$ covariances of
-        $D(D+1)/2$ (full), $D$ (diagonal) or 1 (isotropic) entries."""
+        $D(D+1)/2$ (full), $D$ (diagonal) or 1 (isotropic) entries (none under ``variance="fixed"``)."""
         K, d, D = params.weight.shape
-        n_cov = 1 if self.tied else K
-        return K * D * (d + (1 if self.bias else 0)) + n_cov * _cov_count(self.covariance, D)
+        return K * D * (d + (1 if self.bias else 0)) + self._n_cov_parameters(K, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +507,7 @@ class ConstantGaussianExperts(_GaussianOptions):
         check_float_array(params.mean, "params.mean", ndim=2)
         N = x.shape[0]
         K, D = params.mean.shape
-        _check_cov(params.cov, self.covariance, 1 if self.tied else K, D, "params.cov", xp)
+        check_cov(params.cov, self.covariance, 1 if self.tied else K, D, "params.cov")
         if y is not None:
             check_float_array(y, "y", ndim=(1, 2))
             check_shape(y, "y", (N,) if y.ndim == 1 else (N, D), what=f"x has N={N} rows; the experts have D={D} outputs")
@@ -730,7 +529,7 @@ class ConstantGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]  # (K, N, D)
-        return xp.matrix_transpose(_cov_log_density(self.covariance, params.cov, r, xp))
+        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))
 
     def log_density_vjp(self, params: ConstantGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> ConstantGaussianExpertsParams:
         r"""VJP with respect to ``params``: $\bar\mu_k = \sum_i c_{ik}\,\Sigma_k^{-1}(y_i - \mu_k)$ and
@@ -739,7 +538,7 @@ class ConstantGaussianExperts(_GaussianOptions):
         check_shape(cotangent, "cotangent", (x.shape[0], params.mean.shape[0]), what="like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]  # (K, N, D)
-        g, cov_bar = _cov_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)
+        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))
         return ConstantGaussianExpertsParams(mean=xp.sum(g, axis=1), cov=cov_bar)
 
     def log_density_input_vjp(self, params: ConstantGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
@@ -747,7 +546,7 @@ class ConstantGaussianExperts(_GaussianOptions):
         xp = self._check(params, x, y)
         check_shape(cotangent, "cotangent", (x.shape[0], params.mean.shape[0]), what="like log_density")
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]
-        g, _ = _cov_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)
+        g, _ = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))
         return ExpertInputGrads(x=None, y=xp.reshape(-xp.sum(g, axis=0), y.shape))
 
     def mean(self, params: ConstantGaussianExpertsParams, x: Any) -> Any:
@@ -774,13 +573,10 @@ class ConstantGaussianExperts(_GaussianOptions):
         y2 = _as_2d_y(y, xp)  # (N, D)
         mean = (xp.matrix_transpose(weights) @ y2) / n_k[:, None]  # (K, D)
         r = y2[None, :, :] - mean[:, None, :]  # (K, N, D)
-        cov = _cov_mle(
-            self.covariance, r, weights, tied=self.tied, factor=self._factor(y2.shape[0], 1),
-            min_sigma=self.min_sigma, xp=xp,
-        )
+        cov = self._m_step_cov(params, r, weights, y2.shape[0], 1)
         return ConstantGaussianExpertsParams(mean=mean, cov=cov)
 
     def n_free_parameters(self, params: ConstantGaussianExpertsParams) -> int:
-        r"""$K D$ means plus $K'$ covariances ($D(D+1)/2$, $D$ or 1 entries each)."""
+        r"""$K D$ means plus $K'$ covariances ($D(D+1)/2$, $D$ or 1 entries each; none under ``variance="fixed"``)."""
         K, D = params.mean.shape
-        return K * D + (1 if self.tied else K) * _cov_count(self.covariance, D)
+        return K * D + self._n_cov_parameters(K, D)

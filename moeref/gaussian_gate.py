@@ -45,14 +45,14 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from .core import array_namespace, log_softmax, logsumexp
 from .em import CollapsedVarianceError, EmptyComponentError
-from .gaussian_experts import (  # the covariance storage and Gaussian log-density shared with the experts
-    EXPERT_COVARIANCE_TYPES,
-    _check_cov,
-    _cov_count,
-    _cov_from_matrices,
-    _cov_log_density,
-    _cov_matrices,
-    _cov_vjp,
+from .gaussian_covariance import (  # the covariance storage and Gaussian log-density shared with the experts
+    COVARIANCE_STRUCTURES,
+    check_cov,
+    cov_count,
+    cov_from_matrices,
+    cov_matrices,
+    residual_log_density,
+    residual_log_density_vjp,
 )
 from .validation import (
     check_arrays,
@@ -75,7 +75,7 @@ __all__ = [
     "gaussian_gate_params",
 ]
 
-COVARIANCE_TYPES: tuple[str, ...] = EXPERT_COVARIANCE_TYPES
+COVARIANCE_TYPES: tuple[str, ...] = COVARIANCE_STRUCTURES
 """Covariance structures of [`GaussianDensity`][moeref.gaussian_gate.GaussianDensity], stored as for
 the Gaussian experts ([`moeref.gaussian_experts`][moeref.gaussian_experts]): ``"full"`` (the lower
 Cholesky factor $L_k$, $S_k = L_k L_k^\top$, shape (K', d, d)), ``"diagonal"`` (the variances, (K', d))
@@ -184,7 +184,7 @@ class GaussianDensity:
         d = x.shape[1]
         K = params.means.shape[0]
         check_shape(params.means, "params.means", (K, d), what=f"x has d={d} features")
-        _check_cov(params.cov, self.covariance, 1 if self.tied else K, d, "params.cov", xp)
+        check_cov(params.cov, self.covariance, 1 if self.tied else K, d, "params.cov")
         return xp
 
     def covariance_matrices(self, params: GaussianDensityParams) -> Any:
@@ -198,13 +198,13 @@ class GaussianDensity:
         >>> GaussianDensity("full").covariance_matrices(p)[0].tolist()  # L L^T
         [[4.0, 2.0], [2.0, 2.0]]
         """
-        xp = array_namespace(params.cov, names=("params.cov",))
-        return _cov_matrices(self.covariance, params.cov, params.means.shape[1], xp)
+        array_namespace(params.cov, names=("params.cov",))  # a clear error for a non-array
+        return cov_matrices(self.covariance, params.cov, params.means.shape[1])
 
     def cov_from_matrices(self, covariance: Any) -> Any:
         """The stored ``cov`` for covariance matrices $S_k$ (K', d, d): Cholesky factor, diagonal or $\\operatorname{tr}(S_k)/d$."""
-        xp = array_namespace(covariance, names=("covariance",))
-        return _cov_from_matrices(self.covariance, covariance, xp)
+        array_namespace(covariance, names=("covariance",))  # a clear error for a non-array
+        return cov_from_matrices(self.covariance, covariance)
 
     # ---------------------------------------------------------------- forward and VJP
 
@@ -233,7 +233,7 @@ class GaussianDensity:
         """
         xp = self._check(params, x)
         r = x[None, :, :] - params.means[:, None, :]  # (K, N, d)
-        return xp.matrix_transpose(_cov_log_density(self.covariance, params.cov, r, xp))  # (N, K)
+        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))  # (N, K)
 
     def log_density_vjp(self, params: GaussianDensityParams, x: Any, cotangent: Any) -> GaussianDensityParams:
         r"""VJP of [`log_density`][moeref.gaussian_gate.GaussianDensity.log_density] with respect to the parameters.
@@ -264,7 +264,7 @@ class GaussianDensity:
         check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and component, like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = x[None, :, :] - params.means[:, None, :]  # (K, N, d)
-        g, cov_bar = _cov_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # g: (K, N, d)
+        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # g: (K, N, d)
         return GaussianDensityParams(means=xp.sum(g, axis=1), cov=cov_bar)  # (K, d), like cov
 
     # ---------------------------------------------------------------- M-step
@@ -355,7 +355,7 @@ class GaussianDensity:
     def n_free_parameters(self, params: GaussianDensityParams) -> int:
         r"""$K d$ means plus $K'$ covariances of $d(d+1)/2$ (full), $d$ (diagonal) or 1 (isotropic) entries."""
         K, d = params.means.shape
-        return K * d + (1 if self.tied else K) * _cov_count(self.covariance, d)
+        return K * d + (1 if self.tied else K) * cov_count(self.covariance, d)
 
 
 # --------------------------------------------------------------------------------------------

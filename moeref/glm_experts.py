@@ -64,9 +64,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, one_hot, sigmoid, softmax, softplus
-from .em import ConvergenceWarning, EMWarning, SingularWeightedLeastSquaresError, check_nonempty_components
-from .gaussian_experts import _design
-from .softmax_gate import GateSeparationWarning, fit_weighted_multinomial
+from .em import ConvergenceWarning, SingularWeightedLeastSquaresError, check_nonempty_components
+from .em import SeparationWarning as _SeparationWarning
+from .families import ExpertInputGrads
+from .weighted_lstsq import design_matrix
+from .softmax_gate import fit_weighted_multinomial
 from .special import lgamma
 from .validation import (
     check_responsibilities,
@@ -95,24 +97,13 @@ __all__ = [
 _SEPARATION_ETA_STEP = 0.5
 
 
-class SeparationWarning(EMWarning):
-    r"""The weighted maximum-likelihood fit of a GLM expert does not exist: its coefficients diverge.
+SeparationWarning = _SeparationWarning
+"""[`moeref.em.SeparationWarning`][moeref.em.SeparationWarning], issued by the GLM experts' M-steps
+with the index of the expert whose weighted fit is separated."""
 
-    For logistic and multinomial experts this is (quasi-)complete separation of the weighted
-    classes by a hyperplane (Albert & Anderson 1984, "On the existence of maximum likelihood
-    estimates in logistic regression models", Biometrika 71(1):1-10, doi:10.1093/biomet/71.1.1);
-    for Poisson experts, counts that are all 0 on one side of a hyperplane. The weighted
-    log-likelihood then increases towards its supremum only as $\lVert W_k\rVert \to \infty$.
-    The M-step stops when the objective has converged and returns the (large, finite) current
-    coefficients; a ``ridge > 0`` makes the maximiser exist.
-    """
-
-
-class GLMInputGrads(NamedTuple):
-    """Cotangents of a GLM expert family's inputs (``y`` is ``None`` where not differentiable)."""
-
-    x: Any
-    y: Any
+GLMInputGrads = ExpertInputGrads
+"""The cotangents of a GLM expert family's inputs: the record [`ExpertInputGrads`][moeref.families.ExpertInputGrads]
+of every expert family, under its former name."""
 
 
 class LogisticExpertsParams(NamedTuple):
@@ -511,7 +502,7 @@ class _SingleIndexOptions:
         check_nonempty_components(weights, self.min_weight)
         xr, offset = self._split(x)
         d = xr.shape[1]
-        design = _design(xr, self.bias, xp)  # (N, p)
+        design = design_matrix(xr, bias=self.bias)  # (N, p)
         p = design.shape[1]
         penalty = self.ridge * xp.ones((p,), dtype=x.dtype, device=device_of(x))  # (p,): every coefficient
         _check_gram(design, weights, penalty, xp)
@@ -613,7 +604,7 @@ class LogisticExperts(_SingleIndexOptions):
         eta = self._eta(params, x, xp)  # (N, K)
         return y[:, None] * eta - softplus(eta)
 
-    def log_density_input_vjp(self, params: LogisticExpertsParams, x: Any, y: Any, cotangent: Any) -> GLMInputGrads:
+    def log_density_input_vjp(self, params: LogisticExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
         r"""Cotangents of ``x`` and ``y`` for a cotangent (N, K) of ``log_density``.
 
         $$\bar x_i = \sum_k c_{ik}(y_i - \mu_{ik})\, W_k, \qquad \bar y_i = \sum_k c_{ik}\,\eta_{ik} .$$
@@ -621,7 +612,7 @@ class LogisticExperts(_SingleIndexOptions):
         xp = self._check(params, x, y)
         g = self._eta_cotangent(params, x, y, cotangent, xp)  # (N, K)
         y_bar = xp.sum(cotangent * self._eta(params, x, xp), axis=1)  # (N,)
-        return GLMInputGrads(x=self._eta_input_vjp(params, g, xp), y=y_bar)
+        return ExpertInputGrads(x=self._eta_input_vjp(params, g, xp), y=y_bar)
 
 
 @dataclass(frozen=True)
@@ -698,7 +689,7 @@ class PoissonExperts(_SingleIndexOptions):
         out = y[:, None] * eta - _safe_exp(eta, xp) - lgamma(y + 1.0)[:, None]
         return xp.where(_overflows(eta, xp), xp.full_like(eta, -math.inf), out)
 
-    def log_density_input_vjp(self, params: PoissonExpertsParams, x: Any, y: Any, cotangent: Any) -> GLMInputGrads:
+    def log_density_input_vjp(self, params: PoissonExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
         r"""Cotangent of ``x`` for a cotangent (N, K) of ``log_density`` (``y``, a count, gets ``None``).
 
         $$\bar x_i = \sum_k c_{ik}(y_i - \mu_{ik})\, W_k$$
@@ -707,7 +698,7 @@ class PoissonExperts(_SingleIndexOptions):
         """
         xp = self._check(params, x, y)
         g = self._eta_cotangent(params, x, y, cotangent, xp)  # (N, K)
-        return GLMInputGrads(x=self._eta_input_vjp(params, g, xp), y=None)
+        return ExpertInputGrads(x=self._eta_input_vjp(params, g, xp), y=None)
 
 
 def _exp_cap(dtype: Any, xp: Any) -> float:
@@ -919,7 +910,7 @@ class MultinomialLogisticExperts:
 
     def log_density_input_vjp(
         self, params: MultinomialLogisticExpertsParams, x: Any, y: Any, cotangent: Any
-    ) -> GLMInputGrads:
+    ) -> ExpertInputGrads:
         r"""Cotangents of ``x`` and ``y`` for a cotangent (N, K) of ``log_density``.
 
         $$\bar x_i = \sum_k\sum_c g_{ikc}\, W_{kc}, \qquad \bar y_{ic} = \sum_k c_{ik}\log\mu_{ikc} .$$
@@ -929,7 +920,7 @@ class MultinomialLogisticExperts:
         x_bar = xp.sum(xp.matmul(g, xp.matrix_transpose(params.weight)), axis=0)  # (N, d)
         logmu = self._log_mu(params, x, xp)  # (K, N, C)
         y_bar = xp.sum(xp.matrix_transpose(cotangent)[:, :, None] * logmu, axis=0)  # (N, C)
-        return GLMInputGrads(x=x_bar, y=y_bar)
+        return ExpertInputGrads(x=x_bar, y=y_bar)
 
     def mean(self, params: MultinomialLogisticExpertsParams, x: Any) -> Any:
         r"""Class probabilities $\mu_{ikc}$ of every expert, shape (N, K, C)."""
@@ -993,15 +984,15 @@ class MultinomialLogisticExperts:
         -----
         SeparationWarning
             When the fit of an expert is separated (``ridge == 0``; detected by
-            ``fit_weighted_multinomial``, whose ``GateSeparationWarning`` is re-issued under this
-            name with the expert's index).
+            ``fit_weighted_multinomial``, whose warning of the same class is replaced by one that
+            names the expert).
         """
         xp = self._check(params, x, y)
         N, K = x.shape[0], params.weight.shape[0]
         check_responsibilities(weights, N, K)
         check_same_dtype({"x": x, "weights": weights})
         check_nonempty_components(weights, self.min_weight)
-        design = _design(x, True, xp)  # (N, d + 1)
+        design = design_matrix(x, bias=True)  # (N, d + 1)
         penalty = self.ridge * xp.ones((design.shape[1],), dtype=x.dtype, device=device_of(x))
         _check_gram(design, weights, penalty, xp)
         new_w, new_b, separated = [], [], []
@@ -1020,7 +1011,7 @@ class MultinomialLogisticExperts:
                         max_iter=1, tol=0.0, max_halvings=self.max_halvings, single_step=True,
                     )
             for w in caught:
-                if not issubclass(w.category, GateSeparationWarning):
+                if not issubclass(w.category, _SeparationWarning):
                     warnings.warn(f"{self.name} experts, expert {k}: {w.message}", w.category, stacklevel=2)
             if fit.separated:
                 separated.append(k)

@@ -52,12 +52,25 @@ import math
 from typing import Any, NamedTuple
 
 from .core import device_of
-from .em import EMOptions, EStep, _check_options, check_nonempty_components, entropy, information_criteria, run_em
+from .em import (
+    EMOptions,
+    EStep,
+    PenalisedRun,
+    RestartRecord,
+    _check_options,
+    check_nonempty_components,
+    entropy,
+    information_criteria,
+    run_em,
+    run_restarts,
+)
+from .em_init import RandomStart, random_starts
 from .experts import LinearExpertsParams
-from .gaussian_experts import _cov_mle, _design, _split_theta, _weighted_least_squares
+from .gaussian_covariance import weighted_cov_mle
 from .hierarchical_moe import HMEParams, HMEPosteriors, hme_branching, hme_posteriors
 from .softmax_gate import SoftmaxGate, SoftmaxGateParams, fit_weighted_multinomial
-from .validation import check_arrays, check_float_array, check_record_type, check_shape, concrete_bool
+from .validation import check_arrays, check_float_array, check_positive_int, check_record_type, check_shape, concrete_bool
+from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
 
 __all__ = [
     "HMEFitParams",
@@ -66,6 +79,7 @@ __all__ = [
     "hme_penalty",
     "hme_e_step",
     "hme_m_step",
+    "hme_random_starts",
     "fit_hme",
 ]
 
@@ -102,6 +116,11 @@ class HMEFitResult(NamedTuple):
         The joint path posteriors $h_{np}$ at the fit.
     n_iter, converged, stop_reason, criterion, tol, n_samples, n_free_parameters, entropy, aic, bic, icl, decreases
         As in [`EMResult`][moeref.em.EMResult].
+    restarts : tuple of RestartRecord
+        Every run (``init`` first, then the explicit restarts, then the random starts; the starts'
+        ``HMEParams`` and draws are kept).
+    best_restart : int
+        Index of the run returned (highest final penalised log-likelihood, the first on ties).
     variance : float
         $\sigma^2$ at the fit (the value given, unless ``estimate_variance``).
     penalty : float
@@ -128,6 +147,8 @@ class HMEFitResult(NamedTuple):
     bic: float
     icl: float
     decreases: tuple[int, ...]
+    restarts: tuple[RestartRecord, ...]
+    best_restart: int
     variance: float
     penalty: float
     penalised_loglik: float
@@ -300,13 +321,13 @@ def hme_m_step(
     check_shape(posteriors.paths, "posteriors.paths", (N, L), what=f"N={N} samples, L={L} leaves")
     # experts: weighted least squares per leaf on [x, 1], weights h_p
     check_nonempty_components(posteriors.paths, min_weight)
-    design = _design(x, True, xp)  # (N, d_in + 1)
-    theta = _weighted_least_squares(design, y, posteriors.paths, xp)  # (L, d_in + 1, d_out)
-    weight, bias = _split_theta(theta, d_in, True, xp)
+    design = design_matrix(x, bias=True)  # (N, d_in + 1)
+    theta = weighted_least_squares(design, y, posteriors.paths)  # (L, d_in + 1, d_out)
+    weight, bias = split_coefficients(theta, d_in, bias=True)
     variance = state.variance
     if estimate_variance:
         r = y[None, :, :] - xp.matmul(design[None, :, :], theta)  # (L, N, d_out)
-        variance = _cov_mle("isotropic", r, posteriors.paths, tied=True, factor=1.0, min_sigma=min_sigma, xp=xp)[0]
+        variance = weighted_cov_mle("isotropic", r, posteriors.paths, tied=True, factor=1.0, min_sigma=min_sigma)[0]
     # gates: one weighted multinomial fit per node, targets h_{c|m}, observation weights h_m
     new_w, new_b = [], []
     for l in range(len(state.hme.gate_weights)):
@@ -326,6 +347,103 @@ def hme_m_step(
     return HMEFitParams(hme=hme, variance=variance)
 
 
+def _check_finite_biases(params: HMEParams, name: str, xp: Any) -> None:
+    for l, b in enumerate(params.gate_biases):
+        if concrete_bool(xp.all(xp.isfinite(b))) is False:
+            raise ValueError(
+                f"{name}.gate_biases[{l}] has a non-finite entry: fit_hme does not support removed children "
+                "(-inf gate biases); give the tree a regular branching instead"
+            )
+
+
+def _posteriors_from_paths(paths: Any, branching: tuple[int, ...], xp: Any) -> HMEPosteriors:
+    r"""Node and conditional posteriors implied by path posteriors $h_{np}$ (N, L), for the M-step.
+
+    $h_{nm}$ sums the paths below node $m$ and $h_{n,c|m} = h_{n,mc}/h_{nm}$ ($1/b_l$ where
+    $h_{nm} = 0$: the node then has observation weight 0). The likelihood fields are not known here
+    and are left empty (zeros and ``()``); [`hme_m_step`][moeref.hme_em.hme_m_step] does not read them.
+    """
+    N = paths.shape[0]
+    nodes = [paths]  # level D first, then upwards
+    conditionals = []
+    for l in range(len(branching) - 1, -1, -1):
+        b = branching[l]
+        child = xp.reshape(nodes[0], (N, nodes[0].shape[1] // b, b))  # (N, M_l, b_l): children m*b + c
+        parent = xp.sum(child, axis=2)  # (N, M_l)
+        positive = parent > 0
+        safe = xp.where(positive, parent, xp.ones_like(parent))
+        conditionals.insert(0, xp.where(positive[:, :, None], child / safe[:, :, None], xp.full_like(child, 1.0 / b)))
+        nodes.insert(0, parent)
+    zeros = xp.zeros((N,), dtype=paths.dtype, device=device_of(paths))
+    return HMEPosteriors(log_likelihood=zeros, paths=paths, nodes=tuple(nodes), conditionals=tuple(conditionals), log_node_likelihoods=())
+
+
+def hme_random_starts(
+    x: Any,
+    y: Any,
+    template: HMEParams,
+    generator: Any,
+    n_starts: int,
+    *,
+    scheme: str = "partition",
+    gate: SoftmaxGate = SoftmaxGate(),
+    min_weight: float = 1e-8,
+) -> tuple[RandomStart, ...]:
+    r"""Random starting trees for [`fit_hme`][moeref.hme_em.fit_hme], from a caller's seeded generator.
+
+    Start $j$ takes **one** call ``generator.random((N,))`` (in order, nothing else is drawn) and
+    turns it into random path posteriors $h_{np}$ over the $L$ leaves
+    ([`random_responsibilities`][moeref.em_init.random_responsibilities]; ``"partition"``: a
+    balanced random split of the samples among the leaves); the start is one
+    [`hme_m_step`][moeref.hme_em.hme_m_step] from ``template`` with those posteriors (node and
+    conditional posteriors summed from the paths): a weighted least-squares fit per leaf and a
+    weighted multinomial fit per gate node.
+
+    Parameters
+    ----------
+    x : array, shape (N, d_in)
+    y : array, shape (N, d_out)
+    template : HMEParams
+        The tree's shapes and the starting point of the gates' Newton iterations.
+    generator
+        Any object with ``random(shape)`` drawing uniforms in $[0, 1)$ (``numpy.random.default_rng(seed)``).
+    n_starts : int
+    scheme : {"partition", "flexmix"}
+    gate : SoftmaxGate
+        The gate nodes' M-step options, as in [`fit_hme`][moeref.hme_em.fit_hme].
+    min_weight : float
+        As in [`hme_m_step`][moeref.hme_em.hme_m_step].
+
+    Returns
+    -------
+    tuple of RandomStart
+        ``params`` are `HMEParams`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.experts import LinearExpertsParams
+    >>> from moeref.hierarchical_moe import HMEParams
+    >>> from moeref.hme_em import hme_random_starts
+    >>> x = np.linspace(-1, 1, 8)[:, None]
+    >>> tree = HMEParams((np.zeros((1, 1, 2)),), (np.zeros((1, 2)),), LinearExpertsParams(np.zeros((2, 1, 1)), np.zeros((2, 1))))
+    >>> (s,) = hme_random_starts(x, np.abs(x), tree, np.random.default_rng(0), 1)
+    >>> s.responsibilities.sum(axis=0).tolist()  # four samples per leaf
+    [4.0, 4.0]
+    """
+    xp, branching = _check_data(x, y, template, "template")
+    _check_gate(gate)
+    state = HMEFitParams(hme=template, variance=xp.asarray(1.0, dtype=x.dtype, device=device_of(x)))
+
+    def m_step(paths: Any) -> HMEParams:
+        post = _posteriors_from_paths(paths, branching, xp)
+        return hme_m_step(x, y, state, post, gate=gate, min_weight=min_weight).hme
+
+    return random_starts(
+        generator, n_starts, m_step, n_components=int(template.experts.weight.shape[0]), like=x, scheme=scheme
+    )
+
+
 def fit_hme(
     x: Any,
     y: Any,
@@ -337,6 +455,10 @@ def fit_hme(
     options: EMOptions = EMOptions(),
     min_weight: float = 1e-8,
     min_sigma: float = 1e-8,
+    restarts: Any = None,
+    generator: Any = None,
+    n_restarts: int = 0,
+    init_scheme: str = "partition",
 ) -> HMEFitResult:
     r"""Fit a hierarchical mixture of linear-Gaussian experts by EM (Jordan & Jacobs 1994, Algorithm 1).
 
@@ -365,6 +487,14 @@ def fit_hme(
         Stopping rule, tolerance, ``max_iter``, decrease policy.
     min_weight, min_sigma : float
         Degeneracy thresholds, see [`hme_m_step`][moeref.hme_em.hme_m_step].
+    restarts : sequence of HMEParams, optional
+        Further explicit starting trees (same branching), each run from ``variance``.
+    generator, n_restarts, init_scheme
+        ``n_restarts`` random starting trees from the caller's generator, by
+        [`hme_random_starts`][moeref.hme_em.hme_random_starts] with ``init`` as the template (one
+        ``generator.random((N,))`` call each, in order, drawn before EM runs). Every start runs; the
+        highest final penalised log-likelihood wins (the first on ties), as in
+        [`run_restarts`][moeref.em.run_restarts], and ``restarts`` of the result reports every run.
 
     Returns
     -------
@@ -412,12 +542,7 @@ def fit_hme(
     True
     """
     xp, _ = _check_data(x, y, init, "init")
-    for l, b in enumerate(init.gate_biases):
-        if concrete_bool(xp.all(xp.isfinite(b))) is False:
-            raise ValueError(
-                f"init.gate_biases[{l}] has a non-finite entry: fit_hme does not support removed children "
-                "(-inf gate biases); give the tree a regular branching instead"
-            )
+    _check_finite_biases(init, "init", xp)
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not (math.isfinite(variance) and variance > 0):
         raise ValueError(f"variance must be a positive finite Python number, got {variance!r}")
     if not isinstance(estimate_variance, bool):
@@ -428,57 +553,64 @@ def fit_hme(
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{name} must be a non-negative float, got {v!r}")
 
-    state0 = HMEFitParams(hme=init, variance=xp.asarray(float(variance), dtype=x.dtype, device=device_of(x)))
-    # The E-step's full posteriors (node and conditional, from the upward-downward recursion) are
-    # kept for the M-step that run_em calls next with the same state.
-    last: dict = {}
-    penalties: list[float] = []
+    starts = [init]
+    if restarts is not None:
+        if isinstance(restarts, HMEParams) or not isinstance(restarts, (list, tuple)):
+            raise TypeError("restarts must be a list or tuple of HMEParams records")
+        for j, r in enumerate(restarts):
+            _, branching = _check_data(x, y, r, f"restarts[{j}]")
+            if branching != hme_branching(init):
+                raise ValueError(f"restarts[{j}] has branching {branching} but init has {hme_branching(init)}")
+            _check_finite_biases(r, f"restarts[{j}]", xp)
+            starts.append(r)
+    check_positive_int(n_restarts, "n_restarts", minimum=0)
+    if n_restarts and generator is None:
+        raise ValueError(f"n_restarts={n_restarts} random starts need a generator (e.g. numpy.random.default_rng(seed))")
+    draws: list[Any] = [None] * len(starts)
+    if n_restarts:
+        for r in hme_random_starts(x, y, init, generator, n_restarts, scheme=init_scheme, gate=gate, min_weight=min_weight):
+            starts.append(r.params)
+            draws.append(r.draws)
+    n_free = hme_n_free_parameters(init, estimate_variance=estimate_variance)
 
-    def e_step(state: HMEFitParams) -> EStep:
-        post = hme_posteriors(x, y, state.hme, variance=float(state.variance))
-        last["state"], last["posteriors"] = state, post
-        pen = hme_penalty(state.hme, gate)
-        penalties.append(pen)
-        e = _e_step_from(post, xp)
-        return EStep(loglik=e.loglik - pen, log_responsibilities=e.log_responsibilities)
+    def fit_one(start: HMEParams) -> tuple[PenalisedRun, float, float]:
+        state0 = HMEFitParams(hme=start, variance=xp.asarray(float(variance), dtype=x.dtype, device=device_of(x)))
+        # The E-step's full posteriors (node and conditional, from the upward-downward recursion) are
+        # kept for the M-step that run_em calls next with the same state.
+        last: dict = {}
+        penalties: list[float] = []
 
-    def m_step(state: HMEFitParams, tau: Any) -> HMEFitParams:
-        post = last["posteriors"] if last.get("state") is state else hme_posteriors(x, y, state.hme, variance=float(state.variance))
-        return hme_m_step(
-            x, y, state, post,
-            estimate_variance=estimate_variance, gate=gate, min_weight=min_weight, min_sigma=min_sigma,
-        )
+        def e_step(state: HMEFitParams) -> EStep:
+            post = hme_posteriors(x, y, state.hme, variance=float(state.variance))
+            last["state"], last["posteriors"] = state, post
+            pen = hme_penalty(state.hme, gate)
+            penalties.append(pen)
+            e = _e_step_from(post, xp)
+            return EStep(loglik=e.loglik - pen, log_responsibilities=e.log_responsibilities)
 
-    res = run_em(
-        e_step,
-        m_step,
-        state0,
-        n_samples=x.shape[0],
-        n_free_parameters=hme_n_free_parameters(init, estimate_variance=estimate_variance),
-        options=options,
-    )
-    penalty = penalties[-1]
+        def m_step(state: HMEFitParams, tau: Any) -> HMEFitParams:
+            post = last["posteriors"] if last.get("state") is state else hme_posteriors(x, y, state.hme, variance=float(state.variance))
+            return hme_m_step(
+                x, y, state, post,
+                estimate_variance=estimate_variance, gate=gate, min_weight=min_weight, min_sigma=min_sigma,
+            )
+
+        res = run_em(e_step, m_step, state0, n_samples=x.shape[0], n_free_parameters=n_free, options=options)
+        return PenalisedRun(res, tuple(penalties[: len(res.loglik_trace)])), res.loglik, res.loglik + penalties[-1]
+
+    best, runs, records = run_restarts(fit_one, starts, draws)
+    res, pens = runs[best].em, runs[best].penalty_trace
+    penalty = pens[-1]
     loglik = res.loglik + penalty
     crit = information_criteria(loglik, res.n_free_parameters, res.n_samples, entropy_value=entropy(res.responsibilities))
+    em = res._replace(
+        params=res.params.hme, loglik=loglik, entropy=crit.entropy, aic=crit.aic, bic=crit.bic, icl=crit.icl,
+        restarts=records, best_restart=best,
+    )
     return HMEFitResult(
-        params=res.params.hme,
-        loglik=loglik,
-        loglik_trace=res.loglik_trace,
-        responsibilities=res.responsibilities,
-        n_iter=res.n_iter,
-        converged=res.converged,
-        stop_reason=res.stop_reason,
-        criterion=res.criterion,
-        tol=res.tol,
-        n_samples=res.n_samples,
-        n_free_parameters=res.n_free_parameters,
-        entropy=crit.entropy,
-        aic=crit.aic,
-        bic=crit.bic,
-        icl=crit.icl,
-        decreases=res.decreases,
+        *em,
         variance=float(res.params.variance),
         penalty=penalty,
         penalised_loglik=res.loglik,
-        penalty_trace=tuple(penalties[: len(res.loglik_trace)]),
+        penalty_trace=pens,
     )

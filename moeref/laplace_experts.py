@@ -52,15 +52,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .core import array_namespace
-from .em import CollapsedVarianceError, check_nonempty_components
-from .gaussian_experts import (
-    ExpertInputGrads,
-    _check_nonneg_float,
-    _design,
-    _name_first,
-    _split_theta,
-    _weighted_least_squares,
-)
+from .em import CollapsedVarianceError, check_nonempty_components, check_nonnegative_float, first_true
+from .families import ExpertInputGrads
+from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
 from .validation import (
     check_responsibilities,
     check_choice,
@@ -166,8 +160,8 @@ class LinearLaplaceExperts:
         check_positive_int(self.mm_steps, "mm_steps")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (0 < self.eps < 1):
             raise ValueError(f"eps must be a float in (0, 1), got {self.eps!r}")
-        _check_nonneg_float(self.min_weight, "min_weight")
-        _check_nonneg_float(self.min_scale, "min_scale")
+        check_nonnegative_float(self.min_weight, "min_weight")
+        check_nonnegative_float(self.min_scale, "min_scale")
 
     # ---------------------------------------------------------------- checks
 
@@ -299,21 +293,21 @@ class LinearLaplaceExperts:
         check_finite(y, "y")
         n_k = check_nonempty_components(weights, self.min_weight)  # (K,)
         _, c = _constants(self.scale)
-        design = _design(x, self.bias, xp)  # (N, p)
+        design = design_matrix(x, bias=self.bias)  # (N, p)
         y2 = xp.reshape(y, (y.shape[0], 1))  # (N, 1)
         current = params
         for _ in range(self.mm_steps):
             r = self._residuals(current, x, y, xp)  # (N, K)
             floor = self.eps * current.scale  # (K,)
             omega = weights / xp.maximum(xp.abs(r), floor)  # (N, K)
-            theta = _weighted_least_squares(design, y2, omega, xp)  # (K, p, 1)
-            weight, bias = _split_theta(theta, d, self.bias, xp)  # (K, d, 1), (K, 1)
+            theta = weighted_least_squares(design, y2, omega)  # (K, p, 1)
+            weight, bias = split_coefficients(theta, d, bias=self.bias)  # (K, d, 1), (K, 1)
             weight, bias = weight[:, :, 0], bias[:, 0]
             r_new = xp.reshape(y, (y.shape[0],))[:, None] - (x @ xp.matrix_transpose(weight) + bias)  # (N, K)
             scale = c * xp.sum(weights * xp.abs(r_new), axis=0) / n_k  # (K,): sqrt2 * mean|r| (xi) or mean|r| (b)
             collapsed = scale < self.min_scale
             if concrete_bool(xp.any(collapsed)):
-                k = _name_first(collapsed, K)
+                k = first_true(collapsed)
                 raise CollapsedVarianceError(
                     f"expert {k} has scale {float(scale[k]):.3e} < min_scale={self.min_scale:g}: its regression passes "
                     "through all of its weighted points and the likelihood is unbounded there"

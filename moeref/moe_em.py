@@ -54,20 +54,22 @@ from typing import Any, NamedTuple, Sequence
 from .core import array_namespace, log_softmax, logsumexp, softmax, tree_add_scaled
 from .em import (
     ConvergenceWarning,
-    EMError,
     EMOptions,
-    EMResult,
     EStep,
     NonFiniteLogLikelihoodError,
+    PenalisedRun,
+    RestartRecord,
     _check_options,
     entropy,
     find_loglik_decreases,
     information_criteria,
     run_em,
+    run_restarts,
     stopping_rule_met,
 )
+from .em_init import RandomStart, random_starts
 from .families import ExpertFamily, GateFamily
-from .validation import check_positive_float, check_record_type, check_shape
+from .validation import check_positive_float, check_positive_int, check_record_type, check_shape
 
 __all__ = [
     "MoEParams",
@@ -82,6 +84,7 @@ __all__ = [
     "moe_m_step",
     "moe_n_free_parameters",
     "moe_penalty",
+    "moe_random_starts",
     "fit_moe",
     "fit_moe_gradient",
 ]
@@ -102,34 +105,6 @@ class MoEParams(NamedTuple):
     experts: Any
 
 
-class RestartRecord(NamedTuple):
-    """Summary of one EM run of [`fit_moe`][moeref.moe_em.fit_moe] (index 0 is ``init``).
-
-    Attributes
-    ----------
-    index : int
-        0 for ``init``, $j + 1$ for ``restarts[j]``.
-    loglik : float or None
-        Final (unpenalised) log-likelihood EM maximised; ``None`` if the run failed.
-    objective : float or None
-        Final penalised log-likelihood (the value the best run is chosen by).
-    n_iter : int
-    converged : bool
-    loglik_trace : tuple of float
-        The run's trace of the penalised log-likelihood (empty if it failed).
-    error : str or None
-        ``"ErrorClass: message"`` of the [`EMError`][moeref.em.EMError] that stopped the run.
-    """
-
-    index: int
-    loglik: float | None
-    objective: float | None
-    n_iter: int
-    converged: bool
-    loglik_trace: tuple[float, ...]
-    error: str | None
-
-
 class MoEFitResult(NamedTuple):
     """The outcome of [`fit_moe`][moeref.moe_em.fit_moe]: the fields of
     [`EMResult`][moeref.em.EMResult] (same names, same order) for the best run, then the MoE extras.
@@ -145,6 +120,11 @@ class MoEFitResult(NamedTuple):
         log-likelihood when no family has a penalty).
     responsibilities, n_iter, converged, stop_reason, criterion, tol, n_samples, n_free_parameters, entropy, aic, bic, icl, decreases
         As in [`EMResult`][moeref.em.EMResult] (``aic``/``bic``/``icl`` from the unpenalised ``loglik``).
+    restarts : tuple of RestartRecord
+        Every run: ``init`` first, then the explicit ``restarts``, then the random starts in the
+        order drawn (with their starting values and draws).
+    best_restart : int
+        Index of the run returned (the highest final penalised log-likelihood; the first on ties).
     conditional_loglik : float
         $L_c = \\sum_i \\log p(y_i \\mid x_i; \\hat\\theta)$.
     joint_loglik : float or None
@@ -155,10 +135,6 @@ class MoEFitResult(NamedTuple):
         ``loglik - penalty`` ($=$ ``loglik_trace[-1]``).
     penalty_trace : tuple of float
         The penalty at each entry of ``loglik_trace``.
-    restarts : tuple of RestartRecord
-        Every run, ``init`` first.
-    best_restart : int
-        Index of the run returned (the highest final penalised log-likelihood; the first on ties).
     """
 
     params: Any
@@ -177,13 +153,13 @@ class MoEFitResult(NamedTuple):
     bic: float
     icl: float
     decreases: tuple[int, ...]
+    restarts: tuple[RestartRecord, ...]
+    best_restart: int
     conditional_loglik: float
     joint_loglik: float | None
     penalty: float
     penalised_loglik: float
     penalty_trace: tuple[float, ...]
-    restarts: tuple[RestartRecord, ...]
-    best_restart: int
 
 
 class GradientFitResult(NamedTuple):
@@ -422,7 +398,8 @@ def moe_log_likelihood_vjp(
 # --------------------------------------------------------------------------------------------
 
 
-def _fit_one(x: Any, y: Any, gate: Any, experts: Any, init: MoEParams, n_samples: int, options: EMOptions) -> tuple[EMResult, list]:
+def _fit_one(x: Any, y: Any, gate: Any, experts: Any, init: MoEParams, n_samples: int, options: EMOptions) -> tuple[PenalisedRun, float, float]:
+    """One EM run from ``init``: ``(run, final penalised objective, final unpenalised log-likelihood)``."""
     penalties: list[float] = []
 
     def e_step(params: MoEParams) -> EStep:
@@ -439,7 +416,64 @@ def _fit_one(x: Any, y: Any, gate: Any, experts: Any, init: MoEParams, n_samples
         e_step, m_step, init, n_samples=n_samples,
         n_free_parameters=moe_n_free_parameters(gate, experts, init), options=options,
     )
-    return res, penalties
+    return PenalisedRun(res, tuple(penalties[: len(res.loglik_trace)])), res.loglik, res.loglik + penalties[-1]
+
+
+def moe_random_starts(
+    x: Any,
+    y: Any,
+    gate: Any,
+    experts: Any,
+    template: MoEParams,
+    generator: Any,
+    n_starts: int,
+    *,
+    scheme: str = "partition",
+) -> tuple[RandomStart, ...]:
+    r"""Random starting values for [`fit_moe`][moeref.moe_em.fit_moe], from a caller's seeded generator.
+
+    Start $j$ is the M-step ([`moe_m_step`][moeref.moe_em.moe_m_step], from ``template``) of random
+    responsibilities built from **one** call ``generator.random((N,))``; the starts are drawn in
+    order $j = 1, \dots, n$ and nothing else is drawn. See [`moeref.em_init`][moeref.em_init] for the
+    schemes (``"partition"``: a balanced random split into $K$ blocks; ``"flexmix"``: flexmix's
+    0.9/0.1 posteriors).
+
+    Parameters
+    ----------
+    x, y, gate, experts
+        As in [`fit_moe`][moeref.moe_em.fit_moe].
+    template : MoEParams
+        Fixes the shapes and starts iterative M-steps (its values are ignored by closed-form ones).
+    generator
+        Any object with ``random(shape)`` drawing uniforms in $[0, 1)$ (``numpy.random.default_rng(seed)``).
+    n_starts : int
+    scheme : {"partition", "flexmix"}
+
+    Returns
+    -------
+    tuple of RandomStart
+        ``params`` (a `MoEParams`), ``draws`` (N,) and ``responsibilities`` (N, K) of each start.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.constant_gate import ConstantGate, ConstantGateParams
+    >>> from moeref.gaussian_experts import ConstantGaussianExperts, ConstantGaussianExpertsParams
+    >>> from moeref.moe_em import MoEParams, moe_random_starts
+    >>> y = np.array([[0.0], [1.0], [2.0], [3.0]])
+    >>> template = MoEParams(ConstantGateParams(np.full(2, 0.5)), ConstantGaussianExpertsParams(np.zeros((2, 1)), np.ones(2)))
+    >>> (s,) = moe_random_starts(np.zeros((4, 1)), y, ConstantGate(), ConstantGaussianExperts(covariance="isotropic"),
+    ...                          template, np.random.default_rng(1), 1)
+    >>> s.responsibilities.sum(axis=0).tolist(), s.params.experts.mean.ravel().tolist()  # two random blocks of two
+    ([2.0, 2.0], [1.0, 2.0])
+    """
+    _check_families(gate, experts)
+    check_record_type(template, "template", MoEParams)
+    _, ell, _ = _parts(x, y, gate, experts, template)
+    return random_starts(
+        generator, n_starts, lambda tau: moe_m_step(x, y, gate, experts, template, tau),
+        n_components=int(ell.shape[1]), like=x, scheme=scheme,
+    )
 
 
 def fit_moe(
@@ -451,6 +485,9 @@ def fit_moe(
     *,
     options: EMOptions = EMOptions(),
     restarts: Sequence[MoEParams] | None = None,
+    generator: Any = None,
+    n_restarts: int = 0,
+    init_scheme: str = "partition",
 ) -> MoEFitResult:
     r"""Fit a classical MoE by EM from explicit starting values (and optional explicit restarts).
 
@@ -482,6 +519,13 @@ def fit_moe(
         ``restarts`` of the result. A run stopped by an [`EMError`][moeref.em.EMError] (an empty
         component, a collapsed variance, ...) is recorded with its error; if every run fails, the
         first error is raised.
+    generator, n_restarts, init_scheme
+        ``n_restarts`` further **random** starts, drawn from the caller's ``generator`` (any object
+        with ``random(shape)``, e.g. ``numpy.random.default_rng(seed)``) by
+        [`moe_random_starts`][moeref.moe_em.moe_random_starts] with ``init`` as the template and
+        ``init_scheme`` as the scheme: one ``generator.random((N,))`` call per start, in order, all
+        drawn before EM runs. They run after ``init`` and ``restarts``, like them; the records
+        keep each start and its draws. The same generator state gives the same result.
 
     Returns
     -------
@@ -525,33 +569,19 @@ def fit_moe(
             raise TypeError("restarts must be a list or tuple of MoEParams records")
         for j, r in enumerate(restarts):
             starts.append(check_record_type(r, f"restarts[{j}]", MoEParams))
+    check_positive_int(n_restarts, "n_restarts", minimum=0)
+    if n_restarts and generator is None:
+        raise ValueError(f"n_restarts={n_restarts} random starts need a generator (e.g. numpy.random.default_rng(seed))")
     # shapes of the first start, and N
     _, ell, _ = _parts(x, y, gate, experts, init)
     N = int(ell.shape[0])
+    draws: list[Any] = [None] * len(starts)
+    for r in moe_random_starts(x, y, gate, experts, init, generator, n_restarts, scheme=init_scheme) if n_restarts else ():
+        starts.append(r.params)
+        draws.append(r.draws)
 
-    runs: list[tuple[EMResult, list] | None] = []
-    records: list[RestartRecord] = []
-    first_error: EMError | None = None
-    for idx, start in enumerate(starts):
-        try:
-            res, pens = _fit_one(x, y, gate, experts, start, N, options)
-        except EMError as err:
-            if len(starts) == 1:
-                raise
-            first_error = first_error or err
-            runs.append(None)
-            records.append(RestartRecord(idx, None, None, 0, False, (), f"{type(err).__name__}: {err}"))
-            continue
-        runs.append((res, pens))
-        records.append(
-            RestartRecord(idx, res.loglik + pens[-1], res.loglik, res.n_iter, res.converged, res.loglik_trace, None)
-        )
-    ok = [i for i, r in enumerate(runs) if r is not None]
-    if not ok:
-        assert first_error is not None
-        raise first_error
-    best = max(ok, key=lambda i: (records[i].objective, -i))
-    res, pens = runs[best]  # type: ignore[misc]
+    best, runs, records = run_restarts(lambda start: _fit_one(x, y, gate, experts, start, N, options), starts, draws)
+    res, pens = runs[best].em, runs[best].penalty_trace
 
     params = res.params
     xp, ell, logp = _parts(x, y, gate, experts, params)
@@ -564,30 +594,17 @@ def fit_moe(
     else:
         joint_ll, cond_ll = None, float(xp.sum(lse_a))
     crit = information_criteria(loglik, res.n_free_parameters, N, entropy_value=entropy(res.responsibilities))
+    em = res._replace(
+        loglik=loglik, n_samples=N, entropy=crit.entropy, aic=crit.aic, bic=crit.bic, icl=crit.icl,
+        restarts=records, best_restart=best,
+    )
     return MoEFitResult(
-        params=params,
-        loglik=loglik,
-        loglik_trace=res.loglik_trace,
-        responsibilities=res.responsibilities,
-        n_iter=res.n_iter,
-        converged=res.converged,
-        stop_reason=res.stop_reason,
-        criterion=res.criterion,
-        tol=res.tol,
-        n_samples=N,
-        n_free_parameters=res.n_free_parameters,
-        entropy=crit.entropy,
-        aic=crit.aic,
-        bic=crit.bic,
-        icl=crit.icl,
-        decreases=res.decreases,
+        *em,
         conditional_loglik=cond_ll,
         joint_loglik=joint_ll,
         penalty=penalty,
         penalised_loglik=res.loglik,
-        penalty_trace=tuple(pens[: len(res.loglik_trace)]),
-        restarts=tuple(records),
-        best_restart=best,
+        penalty_trace=pens,
     )
 
 

@@ -40,8 +40,18 @@ from .em import (
     EStep,
     SingularWeightedLeastSquaresError,
     run_em,
+    run_restarts,
 )
-from .validation import check_choice, check_finite, check_float_array, check_same_dtype, check_shape, concrete_bool
+from .em_init import RandomStart, random_starts
+from .validation import (
+    check_choice,
+    check_finite,
+    check_float_array,
+    check_positive_int,
+    check_same_dtype,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "VARIANCE_MODELS",
@@ -55,6 +65,7 @@ __all__ = [
     "regression_mixture_e_step",
     "regression_mixture_m_step",
     "regression_mixture_n_free_parameters",
+    "regression_mixture_random_starts",
     "fit_regression_mixture",
 ]
 
@@ -379,6 +390,76 @@ def regression_mixture_n_free_parameters(n_regressors: int, n_components: int, *
     return n_components * n_regressors + (n_components if variance == "component" else 1) + n_components - 1
 
 
+def regression_mixture_random_starts(
+    x: Any,
+    y: Any,
+    n_components: int,
+    generator: Any,
+    n_starts: int,
+    *,
+    scheme: str = "partition",
+    variance: str = "component",
+    min_weight: float = 1e-8,
+    min_sigma: float = 1e-8,
+) -> tuple[RandomStart, ...]:
+    r"""Random starting values for [`fit_regression_mixture`][moeref.regression_mixture.fit_regression_mixture].
+
+    Start $j$ is the M-step ([`regression_mixture_m_step`][moeref.regression_mixture.regression_mixture_m_step])
+    of random responsibilities built from **one** call ``generator.random((N,))``; the starts are
+    drawn in order and nothing else is drawn (see [`moeref.em_init`][moeref.em_init]). With the
+    default ``scheme="partition"`` this is mixtools' ``regmix.init`` idea: the samples split at
+    random into $K$ blocks of (nearly) equal size, one least-squares regression per block, the
+    block sizes as weights (mixtools then also draws the weights; moeref does not).
+
+    Parameters
+    ----------
+    x : array, shape (N, p)
+    y : array, shape (N,)
+    n_components : int
+        $K$.
+    generator
+        Any object with ``random(shape)`` drawing uniforms in $[0, 1)$ (``numpy.random.default_rng(seed)``).
+    n_starts : int
+    scheme : {"partition", "flexmix"}
+    variance, min_weight, min_sigma
+        As in [`fit_regression_mixture`][moeref.regression_mixture.fit_regression_mixture].
+
+    Returns
+    -------
+    tuple of RandomStart
+        ``params`` are [`RegressionMixtureParams`][moeref.regression_mixture.RegressionMixtureParams].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.datasets import load_dataset
+    >>> from moeref.regression_mixture import regression_mixture_random_starts, with_intercept
+    >>> co2 = load_dataset("co2data")
+    >>> starts = regression_mixture_random_starts(with_intercept(co2["GNP"]), co2["CO2"], 2, np.random.default_rng(0), 3)
+    >>> [s.params.weights.tolist() for s in starts]  # random blocks of 14 of the 28 countries
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    check_choice(variance, "variance", VARIANCE_MODELS)
+    check_positive_int(n_components, "n_components")
+    return random_starts(
+        generator, n_starts,
+        lambda tau: regression_mixture_m_step(x, y, tau, variance=variance, min_weight=min_weight, min_sigma=min_sigma),
+        n_components=n_components, like=x, scheme=scheme,
+    )
+
+
+def _check_start(params: Any, name: str, variance: str, xp: Any) -> None:
+    for field in ("beta", "sigma", "weights"):
+        check_finite(getattr(params, field), f"{name}.{field}")
+    if concrete_bool(xp.all(params.weights > 0)) is False:
+        raise ValueError(f"{name}.weights must be positive (a zero weight can never become positive under EM)")
+    total = float(xp.sum(params.weights))
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{name}.weights must sum to 1, got sum {total!r}")
+    if variance == "common" and concrete_bool(xp.all(params.sigma == params.sigma[0])) is False:
+        raise ValueError(f'{name}.sigma must have equal entries when variance="common"')
+
+
 def fit_regression_mixture(
     x: Any,
     y: Any,
@@ -388,6 +469,10 @@ def fit_regression_mixture(
     options: EMOptions = EMOptions(),
     min_weight: float = 1e-8,
     min_sigma: float = 1e-8,
+    restarts: Any = None,
+    generator: Any = None,
+    n_restarts: int = 0,
+    init_scheme: str = "partition",
 ) -> EMResult:
     r"""Fit a mixture of linear regressions by EM from explicit starting values.
 
@@ -409,17 +494,27 @@ def fit_regression_mixture(
         Stopping rule etc.; [`moeref.em.MIXTOOLS`][moeref.em.MIXTOOLS] reproduces ``regmixEM``'s rule.
     min_weight, min_sigma : float
         Degeneracy thresholds, see [`regression_mixture_m_step`][moeref.regression_mixture.regression_mixture_m_step].
+    restarts : sequence of RegressionMixtureParams, optional
+        Further explicit starting values, checked like ``init``.
+    generator, n_restarts, init_scheme
+        ``n_restarts`` random starts from the caller's generator, by
+        [`regression_mixture_random_starts`][moeref.regression_mixture.regression_mixture_random_starts]
+        (one ``generator.random((N,))`` call each, in order, drawn before EM runs). Every start
+        runs; the best final log-likelihood wins (the first on ties) and every run is summarised in
+        ``restarts`` of the result, as in [`run_restarts`][moeref.em.run_restarts].
 
     Returns
     -------
     EMResult
-        ``params`` is a [`RegressionMixtureParams`][moeref.regression_mixture.RegressionMixtureParams].
+        ``params`` is a [`RegressionMixtureParams`][moeref.regression_mixture.RegressionMixtureParams];
+        ``restarts`` holds one record per run (``init`` first), ``best_restart`` the run returned.
 
     Raises
     ------
     EmptyComponentError, CollapsedVarianceError, SingularWeightedLeastSquaresError, NonFiniteLogLikelihoodError
-        On a degenerate state. mixtools restarts from random values in these cases; moeref stops and
-        says why, so that a reference fit is never silently replaced by another one.
+        On a degenerate state (of the only run, or of every run). mixtools restarts from random
+        values in these cases; moeref stops and says why, so that a reference fit is never
+        silently replaced by another one.
 
     Examples
     --------
@@ -442,20 +537,30 @@ def fit_regression_mixture(
     xp = _check_inputs(x, y, init)
     check_finite(x, "x")
     check_finite(y, "y")
-    for name, arr in (("init.beta", init.beta), ("init.sigma", init.sigma), ("init.weights", init.weights)):
-        check_finite(arr, name)
-    if concrete_bool(xp.all(init.weights > 0)) is False:
-        raise ValueError("init.weights must be positive (a zero weight can never become positive under EM)")
-    total = float(xp.sum(init.weights))
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"init.weights must sum to 1, got sum {total!r}")
-    if variance == "common" and concrete_bool(xp.all(init.sigma == init.sigma[0])) is False:
-        raise ValueError('init.sigma must have equal entries when variance="common"')
+    _check_start(init, "init", variance, xp)
+    starts = [init]
+    if restarts is not None:
+        if isinstance(restarts, RegressionMixtureParams) or not isinstance(restarts, (list, tuple)):
+            raise TypeError("restarts must be a list or tuple of RegressionMixtureParams records")
+        for j, r in enumerate(restarts):
+            _check_inputs(x, y, r)
+            _check_start(r, f"restarts[{j}]", variance, xp)
+            starts.append(r)
     for name, v in (("min_weight", min_weight), ("min_sigma", min_sigma)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
             raise ValueError(f"{name} must be a non-negative float, got {v!r}")
+    check_positive_int(n_restarts, "n_restarts", minimum=0)
+    if n_restarts and generator is None:
+        raise ValueError(f"n_restarts={n_restarts} random starts need a generator (e.g. numpy.random.default_rng(seed))")
     N, p = x.shape
     K = init.beta.shape[1]
+    draws: list[Any] = [None] * len(starts)
+    if n_restarts:
+        for r in regression_mixture_random_starts(
+            x, y, K, generator, n_restarts, scheme=init_scheme, variance=variance, min_weight=min_weight, min_sigma=min_sigma
+        ):
+            starts.append(r.params)
+            draws.append(r.draws)
 
     def e_step(params: RegressionMixtureParams) -> EStep:
         return regression_mixture_e_step(x, y, params)
@@ -463,11 +568,12 @@ def fit_regression_mixture(
     def m_step(params: RegressionMixtureParams, tau: Any) -> RegressionMixtureParams:
         return regression_mixture_m_step(x, y, tau, variance=variance, min_weight=min_weight, min_sigma=min_sigma)
 
-    return run_em(
-        e_step,
-        m_step,
-        init,
-        n_samples=N,
-        n_free_parameters=regression_mixture_n_free_parameters(p, K, variance=variance),
-        options=options,
-    )
+    def fit_one(start: RegressionMixtureParams) -> tuple[EMResult, float, float]:
+        res = run_em(
+            e_step, m_step, start, n_samples=N,
+            n_free_parameters=regression_mixture_n_free_parameters(p, K, variance=variance), options=options,
+        )
+        return res, res.loglik, res.loglik
+
+    best, runs, records = run_restarts(fit_one, starts, draws)
+    return runs[best]._replace(restarts=records, best_restart=best)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from .core import array_namespace, device_of, log_softmax, log_softmax_vjp
-from .em import ConvergenceWarning, EMWarning
+from .em import ConvergenceWarning, SeparationWarning
 from .validation import (
     check_arrays,
     check_choice,
@@ -81,14 +81,11 @@ _RECESSION_DISTANCE = 10.0  # how far along the last Newton direction the separa
 _SATURATION = 1.4901161193847656e-08  # sqrt(float64 eps): a fitted probability this small is "numerically 0"
 
 
-class GateSeparationWarning(EMWarning):
-    """A weighted multinomial fit is separated: its weights diverge and no maximiser exists.
-
-    Issued by [`fit_weighted_multinomial`][moeref.softmax_gate.fit_weighted_multinomial] (and so by
-    every M-step built on it) when the objective still increases along the direction the last Newton
-    steps took while some fitted probability is numerically 0. Use a ridge (``ridge > 0``) for a finite
-    maximiser.
-    """
+GateSeparationWarning = SeparationWarning
+"""[`moeref.em.SeparationWarning`][moeref.em.SeparationWarning], under the name the gates' M-steps
+have used: issued by [`fit_weighted_multinomial`][moeref.softmax_gate.fit_weighted_multinomial]
+(and so by every M-step built on it) when the objective still increases along the direction the last
+Newton steps took while some fitted probability is numerically 0. Use a ridge (``ridge > 0``)."""
 
 
 class WeightedMultinomialFit(NamedTuple):

@@ -64,16 +64,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .core import array_namespace, device_of
-from .em import CollapsedVarianceError, check_nonempty_components
+from .em import CollapsedVarianceError, check_nonempty_components, check_nonnegative_float, first_true
 from .special import digamma, lgamma
-from .gaussian_experts import (
-    ExpertInputGrads,
-    _check_nonneg_float,
-    _design,
-    _name_first,
-    _split_theta,
-    _weighted_least_squares,
-)
+from .families import ExpertInputGrads
+from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
 from .validation import (
     check_responsibilities,
     check_choice,
@@ -201,8 +195,8 @@ class LinearTExperts:
         if not self.nu_min < self.nu_max:
             raise ValueError(f"nu_min must be below nu_max, got nu_min={self.nu_min!r}, nu_max={self.nu_max!r}")
         check_positive_int(self.nu_iterations, "nu_iterations")
-        _check_nonneg_float(self.min_weight, "min_weight")
-        _check_nonneg_float(self.min_sigma, "min_sigma")
+        check_nonnegative_float(self.min_weight, "min_weight")
+        check_nonnegative_float(self.min_sigma, "min_sigma")
 
     # ---------------------------------------------------------------- checks
 
@@ -366,16 +360,16 @@ class LinearTExperts:
         r0 = self._residuals(params.weight, params.bias, x, y, xp)  # (N, K)
         u = (nu0 + 1.0) / (nu0 + (r0 / params.sigma) ** 2)  # (N, K)
         # CM-step 1: weighted least squares with tau * u, then sigma
-        design = _design(x, self.bias, xp)
+        design = design_matrix(x, bias=self.bias)
         y1 = xp.reshape(y, (y.shape[0],))
-        theta = _weighted_least_squares(design, y1[:, None], weights * u, xp)  # (K, p, 1)
-        weight, bias = _split_theta(theta, d, self.bias, xp)
+        theta = weighted_least_squares(design, y1[:, None], weights * u)  # (K, p, 1)
+        weight, bias = split_coefficients(theta, d, bias=self.bias)
         weight, bias = weight[:, :, 0], bias[:, 0]
         r = self._residuals(weight, bias, x, y, xp)  # (N, K)
         sigma = xp.sqrt(xp.sum(weights * u * r * r, axis=0) / n_k)  # (K,)
         collapsed = sigma < self.min_sigma
         if concrete_bool(xp.any(collapsed)):
-            k = _name_first(collapsed, K)
+            k = first_true(collapsed)
             raise CollapsedVarianceError(
                 f"expert {k} has sigma {float(sigma[k]):.3e} < min_sigma={self.min_sigma:g}: its regression passes "
                 "through its weighted points and the likelihood is unbounded there"

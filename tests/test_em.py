@@ -26,6 +26,7 @@ from moeref.em import (
     find_loglik_decreases,
     information_criteria,
     run_em,
+    run_restarts,
     stopping_rule_met,
 )
 
@@ -269,3 +270,49 @@ def _np_xp():
     import array_api_compat.numpy as xp
 
     return xp
+
+
+# ------------------------------------------------------------------------------------------
+# Restarts
+# ------------------------------------------------------------------------------------------
+
+
+def _toy_fit(theta0, *, fail=False):
+    """``fit_one`` for run_restarts: EM on the toy from ``theta0`` (L -> 0 from below)."""
+    if fail:
+        raise EmptyComponentError("component 1 is empty")
+    e_step, m_step = _toy(np, rate=0.5)
+    res = run_em(e_step, m_step, np.asarray(theta0), n_samples=2, n_free_parameters=1, options=EMOptions(tol=1e-6))
+    return res, res.loglik, res.loglik
+
+
+def test_run_restarts_runs_every_start_and_picks_the_best():
+    starts = [3.0, 1.5, -2.0]
+    best, results, records = run_restarts(lambda s: _toy_fit(s), starts, [None, None, "d"])
+    finals = [r.loglik for r in results]
+    assert best == int(np.argmax(finals))
+    assert [r.index for r in records] == [0, 1, 2] and [r.start for r in records] == starts
+    assert [r.draws for r in records] == [None, None, "d"]
+    for rec, res in zip(records, results):
+        assert rec.loglik == rec.objective == res.loglik and rec.n_iter == res.n_iter and rec.loglik_trace == res.loglik_trace
+
+
+def test_run_restarts_first_wins_ties_and_failures_are_recorded():
+    best, results, records = run_restarts(lambda s: _toy_fit(s), [2.0, 2.0])
+    assert best == 0
+    best, results, records = run_restarts(lambda s: _toy_fit(s, fail=s < 0), [-1.0, 2.0])
+    assert best == 1 and results[0] is None
+    assert records[0].error == "EmptyComponentError: component 1 is empty" and records[0].loglik is None
+    with pytest.raises(EmptyComponentError, match="component 1"):
+        run_restarts(lambda s: _toy_fit(s, fail=True), [1.0, 2.0])
+    with pytest.raises(EmptyComponentError):  # one start: the error propagates unchanged
+        run_restarts(lambda s: _toy_fit(s, fail=True), [1.0])
+    with pytest.raises(ValueError, match="at least one start"):
+        run_restarts(lambda s: _toy_fit(s), [])
+    with pytest.raises(ValueError, match="draws has 1 entries but there are 2 starts"):
+        run_restarts(lambda s: _toy_fit(s), [1.0, 2.0], [None])
+
+
+def test_a_single_run_em_result_has_no_restart_records():
+    res, _, _ = _toy_fit(2.0)
+    assert res.restarts == () and res.best_restart == 0

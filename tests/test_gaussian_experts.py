@@ -283,6 +283,44 @@ def test_flexmix_variance_convention(rng):
     np.testing.assert_allclose(tml.cov, np.sum(w * r**2) / N, rtol=1e-12)
 
 
+def test_fixed_variance_keeps_the_covariance_and_counts_no_parameter(rng):
+    """variance="fixed": the unit-variance experts of Jacobs et al. (1991); the means are the same WLS fit."""
+    N, K = 20, 2
+    x, y, w = rng.normal(size=(N, 1)), rng.normal(size=(N, 3)), rng.dirichlet(np.ones(K), size=N)
+    p0 = LinearGaussianExpertsParams(np.zeros((K, 1, 3)), np.zeros((K, 3)), np.full(1, 0.7))
+    ml = LinearGaussianExperts(covariance="isotropic", tied=True)
+    fixed = LinearGaussianExperts(covariance="isotropic", tied=True, variance="fixed")
+    got, want = fixed.m_step(p0, x, y, w), ml.m_step(p0, x, y, w)
+    np.testing.assert_allclose(got.weight, want.weight, rtol=1e-14)
+    np.testing.assert_allclose(got.bias, want.bias, rtol=1e-14)
+    assert got.cov is p0.cov
+    assert fixed.n_free_parameters(got) == ml.n_free_parameters(got) - 1 == K * 3 * 2
+    # gradient ascent does not move it: its cotangent through the unconstrained view is 0
+    free = fixed.unconstrained(got)
+    bar = fixed.constrained_vjp(free, fixed.log_density_vjp(got, x, y, np.ones((N, K))))
+    np.testing.assert_array_equal(bar.cov, 0.0)
+    assert np.any(ml.constrained_vjp(free, ml.log_density_vjp(got, x, y, np.ones((N, K)))).cov != 0.0)
+    # constant experts too
+    c0 = ConstantGaussianExpertsParams(np.zeros((K, 3)), np.ones((K, 3)))
+    cfix = ConstantGaussianExperts(covariance="diagonal", variance="fixed")
+    cgot = cfix.m_step(c0, x, y, w)
+    np.testing.assert_allclose(cgot.mean, (w.T @ y) / w.sum(0)[:, None], rtol=1e-12)
+    assert cgot.cov is c0.cov and cfix.n_free_parameters(cgot) == K * 3
+
+
+def test_fixed_variance_makes_one_hot_targets_well_posed(rng):
+    """With the ML variance an expert that owns one class fits it exactly and the variance collapses."""
+    x = rng.normal(size=(40, 2))
+    labels = (x[:, 0] > 0).astype(int)
+    y = np.eye(2)[labels]
+    w = np.eye(2)[labels]  # each expert owns one class
+    p0 = LinearGaussianExpertsParams(np.zeros((2, 2, 2)), np.zeros((2, 2)), np.ones(1))
+    with pytest.raises(CollapsedVarianceError, match="the shared"):
+        LinearGaussianExperts(covariance="isotropic", tied=True).m_step(p0, x, y, w)
+    got = LinearGaussianExperts(covariance="isotropic", tied=True, variance="fixed").m_step(p0, x, y, w)
+    np.testing.assert_allclose(got.bias, np.eye(2), atol=1e-12)  # each expert outputs its class code
+
+
 def test_constant_experts_m_step_is_weighted_mean_and_covariance(rng):
     y = rng.normal(size=(30, 3)) * [1.0, 2.0, 0.5] + 5.0
     w = rng.dirichlet(np.ones(2), size=30)

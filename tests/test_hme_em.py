@@ -17,13 +17,23 @@ from scipy.special import logsumexp as sp_logsumexp
 from moeref.em import (
     CollapsedVarianceError,
     EMOptions,
+    EMResult,
     EmptyComponentError,
     SingularWeightedLeastSquaresError,
 )
 from moeref.experts import LinearExpertsParams
 from moeref.gaussian_experts import LinearGaussianExperts, LinearGaussianExpertsParams
 from moeref.hierarchical_moe import HMEParams, hme_log_likelihood, hme_posteriors, hme_priors
-from moeref.hme_em import HMEFitParams, fit_hme, hme_e_step, hme_m_step, hme_n_free_parameters, hme_penalty
+from moeref.hme_em import (
+    HMEFitParams,
+    HMEFitResult,
+    fit_hme,
+    hme_e_step,
+    hme_m_step,
+    hme_n_free_parameters,
+    hme_penalty,
+    hme_random_starts,
+)
 from moeref.moe_em import MoEParams, fit_moe
 from moeref.softmax_gate import GateSeparationWarning, SoftmaxGate, SoftmaxGateParams
 from conftest import assert_close
@@ -276,6 +286,31 @@ def test_depth_two_tree_recovers_four_linear_pieces(rng):
     assert math.sqrt(fit.variance) == pytest.approx(0.1, rel=0.25)
     # the partition is hierarchical: the top gate separates {pieces 0, 1} from {pieces 2, 3}
     assert owner[0] // 2 == owner[1] // 2 and owner[2] // 2 == owner[3] // 2 and owner[0] // 2 != owner[2] // 2
+
+
+def test_the_result_starts_with_the_em_result_fields():
+    assert HMEFitResult._fields[: len(EMResult._fields)] == EMResult._fields
+
+
+def test_random_restarts_of_a_tree_are_reproducible_and_reported(rng):
+    x, y, _, _ = _pieces(rng, n=80)
+    template = _tree(rng, (2, 2), scale=0.0)
+    kw = dict(variance=1.0, estimate_variance=True, gate=SoftmaxGate(ridge=1e-2), options=EMOptions(tol=1e-8, max_iter=60, **QUIET))
+    a, b = (fit_hme(x, y, template, generator=np.random.default_rng(3), n_restarts=2, **kw) for _ in range(2))
+    assert a.loglik_trace == b.loglik_trace and a.best_restart == b.best_restart  # same seed, same fit
+    assert [r.index for r in a.restarts] == [0, 1, 2] and a.restarts[0].draws is None
+    assert a.penalised_loglik == max(r.objective for r in a.restarts)
+    starts = hme_random_starts(x, y, template, np.random.default_rng(3), 2, gate=SoftmaxGate(ridge=1e-2))
+    draws = np.random.default_rng(3)
+    for rec, start in zip(a.restarts[1:], starts):
+        np.testing.assert_array_equal(rec.draws, draws.random(80))
+        assert np.all(start.responsibilities.sum(axis=0) == 20)  # a balanced split over the 4 leaves
+        for u, v in zip(leaves(rec.start), leaves(start.params)):
+            np.testing.assert_array_equal(u, v)
+        assert fit_hme(x, y, rec.start, **kw).loglik_trace == rec.loglik_trace
+    # an explicit restart of another branching is refused
+    with pytest.raises(ValueError, match=r"restarts\[0\] has branching \(4,\) but init has \(2, 2\)"):
+        fit_hme(x, y, template, restarts=[_tree(rng, (4,))], **kw)
 
 
 # --------------------------------------------------------------------------------------------

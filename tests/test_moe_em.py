@@ -40,6 +40,7 @@ from moeref.moe_em import (
     moe_log_likelihood,
     moe_log_likelihood_vjp,
     moe_posteriors,
+    moe_random_starts,
 )
 from moeref.em import EMResult
 from moeref.softmax_gate import GateSeparationWarning, SoftmaxGate, SoftmaxGateParams
@@ -330,6 +331,40 @@ def test_restarts_pick_the_best_and_report_every_run(rng):
     for rec, f in zip(fit.restarts, single):
         assert rec.loglik_trace == f.loglik_trace and rec.n_iter == f.n_iter and rec.error is None
     assert fit.loglik_trace == single[fit.best_restart].loglik_trace
+
+
+def test_random_restarts_are_reproducible_and_every_run_is_reported(rng):
+    x, y = _data(rng, d=1, K=2)
+    init = _init(rng, d=1, K=2)
+    opts = EMOptions(max_iter=200, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GateSeparationWarning)
+        fits = [fit_moe(x, y, GATE, EXPERTS, init, options=opts, generator=np.random.default_rng(11), n_restarts=3)
+                for _ in range(2)]
+        starts = moe_random_starts(x, y, GATE, EXPERTS, init, np.random.default_rng(11), 3)
+        replay = [fit_moe(x, y, GATE, EXPERTS, s.params, options=opts) for s in starts]
+    a, b = fits
+    assert a.loglik_trace == b.loglik_trace and a.best_restart == b.best_restart  # same seed, same fit
+    for u, v in zip(a.params.gate + a.params.experts, b.params.gate + b.params.experts):
+        np.testing.assert_array_equal(u, v)
+    assert [r.index for r in a.restarts] == [0, 1, 2, 3] and a.restarts[0].draws is None
+    draws = np.random.default_rng(11)
+    for rec, start, single in zip(a.restarts[1:], starts, replay):
+        np.testing.assert_array_equal(rec.draws, draws.random(30))  # one generator.random((N,)) per start
+        np.testing.assert_array_equal(rec.start.experts.weight, start.params.experts.weight)
+        assert rec.loglik_trace == single.loglik_trace and rec.n_iter == single.n_iter
+    assert a.loglik == max(r.loglik for r in a.restarts)
+    assert a.loglik_trace == a.restarts[a.best_restart].loglik_trace
+
+
+def test_random_restarts_need_a_generator(rng):
+    x, y = _data(rng, d=1, K=2)
+    with pytest.raises(ValueError, match="n_restarts=2 random starts need a generator"):
+        fit_moe(x, y, GATE, EXPERTS, _init(rng, d=1, K=2), n_restarts=2)
+    with pytest.raises(ValueError, match="n_restarts"):
+        fit_moe(x, y, GATE, EXPERTS, _init(rng, d=1, K=2), n_restarts=-1, generator=np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"generator must have a random\(shape\) method"):
+        fit_moe(x, y, GATE, EXPERTS, _init(rng, d=1, K=2), n_restarts=1, generator=42)
 
 
 def test_a_failing_restart_is_recorded_and_all_failing_raises(rng):

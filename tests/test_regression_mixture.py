@@ -295,3 +295,35 @@ def test_bad_input_names_the_argument(rng):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="different array libraries"):
         regression_mixture_log_joint(torch.from_numpy(x), y, init)
+
+
+def test_co2_random_restarts_find_the_vignette_optimum_and_report_every_run():
+    x, y, init = _co2()
+    opts = EMOptions(tol=1e-10, max_iter=5000)
+    fits = [fit_regression_mixture(x, y, init, options=opts, generator=np.random.default_rng(0), n_restarts=6) for _ in range(2)]
+    a, b = fits
+    assert a.loglik_trace == b.loglik_trace and a.best_restart == b.best_restart  # same seed, same fit
+    finals = [round(r.loglik, 5) for r in a.restarts]
+    # two local maxima: the vignette's, and a lower one reached by two of the six random partitions
+    assert sorted(set(finals)) == [-70.17293, PRINTED["loglik"]] and finals.count(-70.17293) == 2
+    assert round(a.loglik, 5) == PRINTED["loglik"] and a.loglik == max(r.loglik for r in a.restarts)
+    assert [r.draws is None for r in a.restarts] == [True] + [False] * 6
+    draws = np.random.default_rng(0)
+    for rec in a.restarts[1:]:
+        np.testing.assert_array_equal(rec.draws, draws.random(28))
+        assert rec.start.weights.tolist() == [0.5, 0.5]  # a balanced split of the 28 countries
+        single = fit_regression_mixture(x, y, rec.start, options=opts)
+        assert single.loglik_trace == rec.loglik_trace
+    single = fit_regression_mixture(x, y, init, options=opts)
+    assert len(single.restarts) == 1 and single.best_restart == 0 and single.restarts[0].start is init
+
+
+def test_explicit_restarts_are_checked_like_init():
+    x, y, init = _co2()
+    bad = init._replace(weights=np.array([0.5, 0.6]))
+    with pytest.raises(ValueError, match=r"restarts\[0\].weights must sum to 1"):
+        fit_regression_mixture(x, y, init, restarts=[bad])
+    with pytest.raises(TypeError, match="restarts must be a list or tuple of RegressionMixtureParams"):
+        fit_regression_mixture(x, y, init, restarts=init)
+    with pytest.raises(ValueError, match="n_restarts=1 random starts need a generator"):
+        fit_regression_mixture(x, y, init, n_restarts=1)
