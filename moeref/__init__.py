@@ -11,6 +11,8 @@ written once in array-API math, so NumPy, CuPy, PyTorch, JAX and array-api-stric
 from ._version import __version__
 from . import (
     aux_losses,
+    balanced_assignment,
+    base_layer,
     capacity,
     constant_gate,
     core,
@@ -31,6 +33,7 @@ from . import (
     moe_em,
     presets,
     regression_mixture,
+    reinforce,
     router,
     routes,
     shared_experts,
@@ -39,6 +42,7 @@ from . import (
     sparse_moe,
     special,
     t_experts,
+    upcycling,
     weighted_lstsq,
 )
 from .experts import LinearExpertsGrads, LinearExpertsParams, linear_experts, linear_experts_vjp
@@ -115,6 +119,8 @@ __all__ = [
     "__version__",
     # modules
     "aux_losses",
+    "balanced_assignment",
+    "base_layer",
     "capacity",
     "constant_gate",
     "core",
@@ -135,6 +141,7 @@ __all__ = [
     "moe_em",
     "presets",
     "regression_mixture",
+    "reinforce",
     "router",
     "routes",
     "shared_experts",
@@ -143,6 +150,7 @@ __all__ = [
     "sparse_moe",
     "special",
     "t_experts",
+    "upcycling",
     "weighted_lstsq",
     # building blocks
     "LinearSoftmaxGateParams",
