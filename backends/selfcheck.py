@@ -20,13 +20,19 @@ from .gradcheck import finite_difference_vjp, relative_error
 
 @dataclass(frozen=True)
 class Case:
-    """One formulation as the self-check exercises it."""
+    """One formulation as the self-check and the golden vectors (`moeref.vectors`) exercise it.
+
+    ``make(rng, **sizes)`` draws ``(args, cotangent)`` with a NumPy generator; its keyword
+    arguments are the sizes (defaults: the self-check's shapes). ``shapes`` lists the size
+    overrides the golden vectors are generated for (``{}`` = the defaults); keep one odd shape.
+    """
 
     name: str
     summary: str
-    make: Callable[[np.random.Generator], tuple[tuple, np.ndarray]]  # -> (args, cotangent)
+    make: Callable[..., tuple[tuple, np.ndarray]]  # (rng, **sizes) -> (args, cotangent)
     forward: Callable[..., Any]
     vjp: Callable[..., Any]
+    shapes: tuple[dict, ...] = ({},)
 
 
 def _gate(rng, d, n):
@@ -35,6 +41,18 @@ def _gate(rng, d, n):
 
 def _experts(rng, n, d_in, d_out):
     return moeref.LinearExpertsParams(rng.normal(size=(n, d_in, d_out)), rng.normal(size=(n, d_out)))
+
+
+def _softmax_gate(rng, N=6, d=3, n=4):
+    return (rng.normal(size=(N, d)), _gate(rng, d, n)), rng.normal(size=(N, n))
+
+
+def _linear_experts(rng, N=6, d=3, n=4, d_out=2):
+    return (rng.normal(size=(N, d)), _experts(rng, n, d, d_out)), rng.normal(size=(N, n, d_out))
+
+
+def _mixture(rng, N=6, n=4, d_out=2):
+    return (rng.dirichlet(np.ones(n), size=N), rng.normal(size=(N, n, d_out))), rng.normal(size=(N, d_out))
 
 
 def _meta_pi(rng, N=5, d=3, n=3, d_out=2):
@@ -80,30 +98,34 @@ CASES: list[Case] = [
     Case(
         "linear_softmax_gate",
         "w(x) = softmax(K^T x + b)",
-        lambda rng: ((rng.normal(size=(6, 3)), _gate(rng, 3, 4)), rng.normal(size=(6, 4))),
+        _softmax_gate,
         moeref.linear_softmax_gate,
         moeref.linear_softmax_gate_vjp,
+        ({}, {"N": 1, "d": 5, "n": 7}),
     ),
     Case(
         "linear_experts",
         "f_i(x) = A_i x + c_i",
-        lambda rng: ((rng.normal(size=(6, 3)), _experts(rng, 4, 3, 2)), rng.normal(size=(6, 4, 2))),
+        _linear_experts,
         moeref.linear_experts,
         moeref.linear_experts_vjp,
+        ({}, {"N": 3, "d": 1, "n": 5, "d_out": 3}),
     ),
     Case(
         "mixture",
         "sum_i w_i(x) f_i(x)",
-        lambda rng: ((rng.dirichlet(np.ones(4), size=6), rng.normal(size=(6, 4, 2))), rng.normal(size=(6, 2))),
+        _mixture,
         moeref.mixture,
         moeref.mixture_vjp,
+        ({}, {"N": 9, "n": 1, "d_out": 3}),
     ),
     Case(
         "hard_mixture",
         "f_argmax w(x)(x), ties to the lower index",
-        lambda rng: ((rng.dirichlet(np.ones(4), size=6), rng.normal(size=(6, 4, 2))), rng.normal(size=(6, 2))),
+        _mixture,
         moeref.hard_mixture,
         moeref.hard_mixture_vjp,
+        ({}, {"N": 9, "n": 3, "d_out": 1}),
     ),
     Case(
         "meta_pi",
@@ -111,6 +133,7 @@ CASES: list[Case] = [
         _meta_pi,
         moeref.meta_pi,
         moeref.meta_pi_vjp,
+        ({}, {"N": 7, "d": 5, "n": 3, "d_out": 1}),
     ),
     Case(
         "local_experts_log_likelihood",
@@ -118,6 +141,7 @@ CASES: list[Case] = [
         _local_experts,
         moeref.local_experts_log_likelihood,
         moeref.local_experts_log_likelihood_vjp,
+        ({}, {"N": 9, "d": 1, "n": 5, "d_out": 3}),
     ),
     Case(
         "hme_log_likelihood",
@@ -125,6 +149,7 @@ CASES: list[Case] = [
         _hme,
         moeref.hme_log_likelihood,
         moeref.hme_log_likelihood_vjp,
+        ({}, {"N": 7, "d": 4, "branching": (3, 2, 2), "d_out": 1}),
     ),
     Case(
         "mixture_of_softmaxes",
@@ -132,6 +157,7 @@ CASES: list[Case] = [
         _mos,
         moeref.mixture_of_softmaxes_log_probs,
         moeref.mixture_of_softmaxes_log_probs_vjp,
+        ({}, {"N": 7, "d": 5, "K": 3, "d_e": 2, "V": 9}),
     ),
     Case(
         "deep_moe",
@@ -139,6 +165,7 @@ CASES: list[Case] = [
         _deep_moe,
         moeref.deep_moe,
         moeref.deep_moe_vjp,
+        ({}, {"N": 5, "dims": (5, 3, 4, 1), "n": 2, "h": 5}),
     ),
 ]
 
