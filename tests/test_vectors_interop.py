@@ -113,3 +113,33 @@ def test_hf_switch_sparse_mlp_reproduces_the_vectors_with_drops(folder):
         dropped += int(np.sum(~case["outputs/routes/kept"]))
         assert_moe_close(y, case)
     assert dropped > 0, "the Switch vectors should drop routes"
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed: the deepspeed_topk vectors through DeepSpeed's own gating (DS_BUILD_OPS=0, CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_topkgating_reproduces_the_vectors(tmp_path):
+    """`topkgating` (deepspeed/moe/sharded_moe.py) on the stored router logits keeps the same routes
+    with the same weights (its combine tensor summed over the capacity axis) and returns the stored
+    balancing loss. DeepSpeed runs in the logits' dtype, except the route fractions, which it averages
+    in float32 (`ce = torch.mean(mask.float(), dim=0)`): the loss agrees to float32 precision."""
+    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+    generate(tmp_path, only=["sparse_moe.deepspeed_topk"])
+    cases = [c for c in load_cases(tmp_path, "sparse_moe.deepspeed_topk.") if c.dtype == "float64"]
+    assert cases
+    for case in cases:
+        cap = case.options["capacity"]
+        logits = case.torch("outputs/logits")
+        l_aux, combine, _, _ = sharded_moe.topkgating(
+            logits.clone(), case.sizes["k"], cap["capacity_factor"], cap["min_capacity"], drop_policy="probs"
+        )
+        T, E = logits.shape
+        index = np.asarray(case.tensors["outputs/routes/expert_index"])
+        weight = np.asarray(case.tensors["outputs/routes/weight"])
+        kept = np.asarray(case.tensors["outputs/routes/kept"])
+        dense = np.zeros((T, E))
+        np.add.at(dense, (np.repeat(np.arange(T), index.shape[1]), index.reshape(-1)), (weight * kept).reshape(-1))
+        np.testing.assert_allclose(combine.sum(-1).double().numpy(), dense, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(float(l_aux), float(np.asarray(case.tensors["outputs/load_balancing_loss"])), rtol=1e-6)
