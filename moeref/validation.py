@@ -18,6 +18,8 @@ from .core import array_namespace
 
 __all__ = [
     "check_arrays",
+    "check_array",
+    "check_cotangent",
     "check_record_type",
     "check_gate_params",
     "check_experts_params",
@@ -37,9 +39,16 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def check_array(x: Any, name: str) -> Any:
+    """Check that ``x`` is an array of a supported library (not ``None``, a list or a scalar); return its namespace."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    return array_namespace(x, names=(name,))
+
+
 def check_float_array(x: Any, name: str, *, ndim: int | Sequence[int] | None = None) -> Any:
     """Check that ``x`` is a real floating-point array (optionally of a given rank)."""
-    xp = array_namespace(x, names=(name,))
+    xp = check_array(x, name)
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating-point dtype (float64 is the reference), got {x.dtype}")
     if ndim is not None:
@@ -52,6 +61,7 @@ def check_float_array(x: Any, name: str, *, ndim: int | Sequence[int] | None = N
 
 def check_shape(x: Any, name: str, expected: Sequence[int | None], *, what: str = "") -> Any:
     """Check ``x.shape`` against ``expected`` (``None`` matches any size)."""
+    check_array(x, name)
     shape = tuple(x.shape)
     ok = len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
     if not ok:
@@ -62,8 +72,12 @@ def check_shape(x: Any, name: str, expected: Sequence[int | None], *, what: str 
 
 
 def check_same_dtype(named: dict[str, Any]) -> Any:
-    """Check that every array in ``named`` has one dtype; return it."""
-    dtypes = {name: a.dtype for name, a in named.items() if a is not None}
+    """Check that the arrays in ``named`` (``None`` entries dropped) share one library and one dtype; return it."""
+    present = {name: a for name, a in named.items() if a is not None}
+    for name, a in present.items():
+        check_array(a, name)
+    array_namespace(*present.values(), names=tuple(present))
+    dtypes = {name: a.dtype for name, a in present.items()}
     if len(set(str(d) for d in dtypes.values())) > 1:
         detail = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
         raise TypeError(f"all floating-point arguments must share one dtype, got {detail}")
@@ -85,7 +99,7 @@ def check_finite(x: Any, name: str, *, allow_neg_inf: bool = False) -> Any:
 
     With ``allow_neg_inf=True``, $-\\infty$ entries are accepted (a masked logit or bias).
     """
-    xp = array_namespace(x, names=(name,))
+    xp = check_array(x, name)
     ok = xp.isfinite(x)
     if allow_neg_inf:
         ok = ok | (xp.isinf(x) & (x < 0))
@@ -128,7 +142,11 @@ def check_arrays(named: dict[str, Any], *, finite: bool = True, neg_inf_ok: Sequ
     floating-point dtype; with ``finite=True`` every value must be finite (``-inf`` allowed for the
     names in ``neg_inf_ok``, e.g. a bias that switches an expert off).
     """
-    named = {k: v for k, v in named.items() if v is not None}
+    given = {k: v for k, v in named.items() if v is not None}
+    if not given:
+        which = f"{next(iter(named))} must be an array" if len(named) == 1 else f"one of {', '.join(named)} must be an array"
+        raise TypeError(f"{which}, got None")
+    named = given
     xp = array_namespace(*named.values(), names=tuple(named))
     for name, a in named.items():
         check_float_array(a, name)
@@ -136,6 +154,22 @@ def check_arrays(named: dict[str, Any], *, finite: bool = True, neg_inf_ok: Sequ
     if finite:
         for name, a in named.items():
             check_finite(a, name, allow_neg_inf=name in neg_inf_ok)
+    return xp
+
+
+def check_cotangent(cotangent: Any, expected: Sequence[int | None], like: Any, *, name: str = "cotangent", what: str = "") -> Any:
+    """Check the cotangent of a VJP against the forward's output: shape, library and dtype of ``like``, finite.
+
+    ``like`` is one of the forward's floating-point inputs (its library and dtype are the
+    cotangent's). Returns the namespace.
+    """
+    check_float_array(cotangent, name)
+    check_array(like, "the forward's inputs")
+    xp = array_namespace(like, cotangent, names=("the forward's inputs", name))
+    if str(cotangent.dtype) != str(like.dtype):
+        raise TypeError(f"{name} has dtype {cotangent.dtype} but the forward's inputs have dtype {like.dtype}")
+    check_shape(cotangent, name, expected, what=what)
+    check_finite(cotangent, name)
     return xp
 
 
@@ -150,6 +184,8 @@ def check_record_type(value: Any, name: str, expected: type | tuple[type, ...]) 
 def check_gate_params(weight: Any, bias: Any, d_in: int, *, name: str = "params") -> int:
     """Shapes of a linear gate over ``n`` experts: weight (d_in, n), bias (n,). Returns ``n``."""
     check_float_array(weight, f"{name}.weight", ndim=2)
+    check_float_array(bias, f"{name}.bias")
+    check_same_dtype({f"{name}.weight": weight, f"{name}.bias": bias})
     check_shape(weight, f"{name}.weight", (d_in, None), what=f"x has d_in={d_in} features")
     n = weight.shape[1]
     check_float_array(bias, f"{name}.bias", ndim=1)
@@ -163,6 +199,8 @@ def check_experts_params(weight: Any, bias: Any, d_in: int, *, n: int | None = N
     When ``n`` is given (the number of gate outputs) the expert count must match it.
     """
     check_float_array(weight, f"{name}.weight", ndim=3)
+    check_float_array(bias, f"{name}.bias")
+    check_same_dtype({f"{name}.weight": weight, f"{name}.bias": bias})
     what = f"x has d_in={d_in} features" if n is None else f"the gate has n={n} outputs, one per expert; x has d_in={d_in} features"
     check_shape(weight, f"{name}.weight", (n, d_in, None), what=what)
     n, _, d_out = weight.shape
@@ -173,8 +211,8 @@ def check_experts_params(weight: Any, bias: Any, d_in: int, *, n: int | None = N
 
 def check_responsibilities(weights: Any, N: int, K: int) -> Any:
     """Weights of a weighted M-step: shape (N, K), finite, non-negative (EM responsibilities)."""
-    xp = array_namespace(weights, names=("weights",))
     check_float_array(weights, "weights", ndim=2)
+    xp = array_namespace(weights, names=("weights",))
     check_shape(weights, "weights", (N, K), what=f"one row per sample of x (N={N}), one column per expert (K={K})")
     check_finite(weights, "weights")
     if concrete_bool(xp.all(weights >= 0)) is False:
