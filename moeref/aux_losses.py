@@ -12,6 +12,10 @@ array), and its `_vjp` returns the cotangent of the logits.
   [`load_loss`][moeref.aux_losses.load_loss]: Shazeer et al. (2017), Appendix A, the squared
   coefficient of variation of the per-expert gate sums and of a smooth estimate of the per-expert
   token counts under noisy top-k gating.
+* [`vmoe_importance_loss`][moeref.aux_losses.vmoe_importance_loss] and
+  [`vmoe_load_loss`][moeref.aux_losses.vmoe_load_loss]: Riquelme et al. (2021), Appendix A, the
+  same two ideas for a softmax router with fixed-std Gaussian logit noise (V-MoE), per routing
+  group.
 * [`load_balancing_loss`][moeref.aux_losses.load_balancing_loss]: the Switch Transformer / GShard
   loss $\propto \sum_i f_i P_i$, with every convention that real systems differ on (which routes
   count in $f$, the overall scale, routing groups, padding masks) as an explicit option; and
@@ -34,9 +38,22 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
-from .core import array_namespace, device_of, logsumexp, normal_cdf, normal_logpdf, one_hot, sigmoid, softmax, softmax_vjp, softplus, top_k
+from .core import (
+    array_namespace,
+    device_of,
+    logsumexp,
+    normal_cdf,
+    normal_logpdf,
+    one_hot,
+    sigmoid,
+    softmax,
+    softmax_vjp,
+    softplus,
+    take_along_axis,
+    top_k,
+)
 from .routes import Routes
-from .validation import check_arrays, check_choice, check_float_array, check_shape, concrete_bool
+from .validation import check_arrays, check_choice, check_float_array, check_positive_float, check_positive_int, check_shape, concrete_bool
 
 __all__ = [
     # Shazeer et al. (2017)
@@ -54,6 +71,12 @@ __all__ = [
     "importance_loss_vjp",
     "load_loss",
     "load_loss_vjp",
+    # V-MoE (Riquelme et al. 2021)
+    "VMoELossGrads",
+    "vmoe_importance_loss",
+    "vmoe_importance_loss_vjp",
+    "vmoe_load_loss",
+    "vmoe_load_loss_vjp",
     # Switch / GShard
     "LoadBalancingLossOptions",
     "SWITCH_TRANSFORMER",
@@ -630,6 +653,257 @@ def load_loss_vjp(
     )  # (T, E)
     clean_bar, noise_bar = _chain_noisy(h_bar, noise_logits, draws)
     return NoisyTopKLossGrads(clean_bar + dz, noise_bar + s_bar * sigmoid(noise_logits))
+
+
+# --------------------------------------------------------------------------------------------
+# V-MoE (Riquelme et al. 2021): importance and load losses of a router with fixed-std noise
+# --------------------------------------------------------------------------------------------
+
+
+class VMoELossGrads(NamedTuple):
+    """Cotangents of the inputs of the V-MoE losses (the draws and ``k`` are constants: ``None``)."""
+
+    logits: Any
+    draws: Any = None
+    k: Any = None
+
+
+def _check_group_size(T: int, group_size: Any) -> int:
+    if group_size is None:
+        return max(T, 1)
+    check_positive_int(group_size, "group_size")
+    if T % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the number of tokens T={T} (one loss per routing group)")
+    return group_size
+
+
+def _cv2_rows(v: Any) -> tuple[Any, Any, Any]:
+    r"""Population $\mathrm{CV}^2$ of each row of ``v`` (G, E), no epsilons: ``(cv2 (G,), mean, var)`` (V-MoE's ``jnp.var / jnp.mean**2``)."""
+    xp = array_namespace(v)
+    n = v.shape[-1]
+    mean = xp.sum(v, axis=-1, keepdims=True) / n  # (G, 1)
+    dev = v - mean  # (G, E)
+    var = xp.sum(dev * dev, axis=-1, keepdims=True) / n  # (G, 1)
+    return xp.squeeze(var / (mean * mean), axis=-1), mean, var
+
+
+def _cv2_rows_vjp(v: Any, cotangent: Any) -> Any:
+    """VJP of ``_cv2_rows`` w.r.t. ``v`` for a cotangent of shape (G,)."""
+    xp = array_namespace(v)
+    n = v.shape[-1]
+    _, mean, var = _cv2_rows(v)
+    dev = v - mean  # (G, E)
+    d_var = (2.0 / n) * (dev - xp.sum(dev, axis=-1, keepdims=True) / n)  # (G, E)
+    m2 = mean * mean
+    return cotangent[:, None] * (d_var / m2 - 2.0 * var * mean / (m2 * m2 * n))
+
+
+def _per_group_sum(values: Any, group_size: int) -> Any:
+    """Sum the rows of ``values`` (T, E) within consecutive groups: (G, E)."""
+    xp = array_namespace(values)
+    T, E = values.shape
+    return xp.sum(xp.reshape(values, (T // group_size, group_size, E)), axis=1)
+
+
+def _spread_groups(g_bar: Any, group_size: int) -> Any:
+    """Cotangent (G, E) of a per-group sum, back to the rows: (T, E)."""
+    xp = array_namespace(g_bar)
+    G, E = g_bar.shape
+    return xp.reshape(xp.broadcast_to(g_bar[:, None, :], (G, group_size, E)), (G * group_size, E))
+
+
+def _check_vmoe_logits(logits: Any, group_size: Any, *, allow_neg_inf: bool) -> tuple[Any, int]:
+    if allow_neg_inf:
+        xp = _check_logits(logits)
+    else:
+        xp = check_arrays({"logits": logits})
+        check_float_array(logits, "logits", ndim=2)
+    return xp, _check_group_size(logits.shape[0], group_size)
+
+
+def vmoe_importance_loss(logits: Any, *, group_size: int | None = None) -> Any:
+    r"""Importance loss of V-MoE: $\mathrm{CV}^2$ of the per-expert sums of the clean router probabilities, per group.
+
+    $$\mathrm{Imp}_g(i) = \sum_{t \in g} \operatorname{softmax}(z_t)_i, \qquad
+    L_\text{imp} = \frac{1}{G}\sum_{g=1}^{G} \frac{\mathrm{Var}_i\,\mathrm{Imp}_g(i)}{\big(\mathrm{mean}_i\,\mathrm{Imp}_g(i)\big)^2},$$
+
+    with the population variance over the $E$ experts and no epsilons. Riquelme et al. (2021),
+    "Scaling Vision with Sparse Mixture of Experts", NeurIPS 2021, arXiv:2106.05974, Appendix A
+    (importance loss, after Shazeer et al. 2017); google-research/vmoe ``vmoe/nn/routing.py``
+    ``NoisyTopExpertsPerItemRouter._importance_auxiliary_loss`` (commit ``fc7b61a6``), which is
+    ``vmap``-ed over the routing groups, and the trainer averages the groups
+    (``jnp.mean(metrics["auxiliary_loss"])``).
+
+    Unlike Shazeer's [`importance_loss`][moeref.aux_losses.importance_loss], the sums are over the
+    **clean** softmax over all $E$ experts (no noise, no top-$k$), so every expert gets a gradient.
+
+    Parameters
+    ----------
+    logits : array, shape (T, E)
+        Router logits $z$ before the noise ($-\infty$ switches an expert off: probability 0).
+    group_size : int, optional
+        Tokens per routing group (consecutive rows); must divide $T$. ``None``: one group.
+
+    Returns
+    -------
+    array, shape ()
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.aux_losses import vmoe_importance_loss
+    >>> z = np.log(np.array([[0.75, 0.25], [0.75, 0.25]]))  # importance (1.5, 0.5): var 0.25, mean 1
+    >>> round(float(vmoe_importance_loss(z)), 12)
+    0.25
+    """
+    xp, Tg = _check_vmoe_logits(logits, group_size, allow_neg_inf=True)
+    cv2, _, _ = _cv2_rows(_per_group_sum(softmax(logits, axis=-1), Tg))  # (G,)
+    return xp.mean(cv2)
+
+
+def vmoe_importance_loss_vjp(logits: Any, cotangent: Any, *, group_size: int | None = None) -> VMoELossGrads:
+    r"""VJP of [`vmoe_importance_loss`][moeref.aux_losses.vmoe_importance_loss].
+
+    With $P = \operatorname{softmax}(z)$, $\bar{\mathrm{Imp}}_g = \frac{\bar L}{G}\,
+    \partial\mathrm{CV}^2/\partial\mathrm{Imp}_g$ (see
+    [`cv_squared_vjp`][moeref.aux_losses.cv_squared_vjp] with no epsilons), every token of group
+    $g$ gets $\bar P_t = \bar{\mathrm{Imp}}_g$ and $\bar z_t = P_t \odot (\bar P_t - \langle P_t, \bar P_t\rangle)$.
+
+    Returns
+    -------
+    VMoELossGrads
+        ``logits`` shape (T, E).
+    """
+    xp, Tg = _check_vmoe_logits(logits, group_size, allow_neg_inf=True)
+    ct = _scalar_cotangent(cotangent, logits, xp)
+    probs = softmax(logits, axis=-1)  # (T, E)
+    importance = _per_group_sum(probs, Tg)  # (G, E)
+    G = importance.shape[0]
+    imp_bar = _cv2_rows_vjp(importance, xp.broadcast_to(ct / G, (G,)))  # (G, E)
+    return VMoELossGrads(softmax_vjp(probs, _spread_groups(imp_bar, Tg), axis=-1))
+
+
+class _VMoELoad(NamedTuple):
+    w: Any  # (T, E)  (z - threshold) / noise_std
+    threshold_index: Any  # (T, 1)  expert holding the k-th largest noisy logit
+    load: Any  # (G, E)  per-group mean of P(t, i)
+
+
+def _check_vmoe_load(logits: Any, draws: Any, k: Any, noise_std: Any, group_size: Any) -> tuple[Any, int, int, float]:
+    xp, Tg = _check_vmoe_logits(logits, group_size, allow_neg_inf=False)
+    if not isinstance(draws, NoisyTopKDraws):
+        raise TypeError(f"draws must be a NoisyTopKDraws record (the standard-normal logit noise), got {type(draws).__name__}")
+    check_arrays({"logits": logits, "draws.normal": draws.normal})
+    T, E = logits.shape
+    check_shape(draws.normal, "draws.normal", (T, E), what=f"one standard-normal draw per token and expert, logits has shape ({T}, {E})")
+    k = _check_k(k, E)
+    noise_std = check_positive_float(noise_std, "noise_std")
+    return xp, Tg, k, noise_std
+
+
+def _vmoe_load_forward(logits: Any, draws: NoisyTopKDraws, k: int, noise_std: float, Tg: int) -> _VMoELoad:
+    noisy = logits + noise_std * draws.normal  # (T, E)  the router's noisy logits
+    _, index = top_k(noisy, k, axis=-1)  # (T, k)
+    j = index[:, k - 1 : k]  # (T, 1)
+    threshold = take_along_axis(noisy, j, axis=-1)  # (T, 1)  k-th largest noisy logit
+    w = (logits - threshold) / noise_std  # (T, E)
+    return _VMoELoad(w, j, _per_group_sum(normal_cdf(w), Tg) / Tg)
+
+
+def vmoe_load_loss(
+    logits: Any, draws: NoisyTopKDraws, k: int, *, noise_std: float, group_size: int | None = None
+) -> Any:
+    r"""Load loss of V-MoE: $\mathrm{CV}^2$ of a smooth per-expert load under fixed-std Gaussian logit noise, per group.
+
+    With noisy logits $\tilde z_t = z_t + \sigma\,\varepsilon_t$ and $\tau_t$ the $k$-th largest
+    entry of $\tilde z_t$ (the threshold an expert must beat to be selected),
+
+    $$p_{ti} = 1 - \Phi\Big(\frac{\tau_t - z_{ti}}{\sigma}\Big) = \Phi\Big(\frac{z_{ti} - \tau_t}{\sigma}\Big),
+    \qquad \mathrm{Load}_g(i) = \frac{1}{T_g}\sum_{t \in g} p_{ti},
+    \qquad L_\text{load} = \frac{1}{G}\sum_g \mathrm{CV}^2\big(\mathrm{Load}_g\big)$$
+
+    (population variance, no epsilons): $p_{ti}$ is the probability that expert $i$ beats the
+    current threshold if its noise were drawn again. Riquelme et al. (2021), "Scaling Vision with
+    Sparse Mixture of Experts", NeurIPS 2021, arXiv:2106.05974, Appendix A (load loss);
+    google-research/vmoe ``vmoe/nn/routing.py``
+    ``NoisyTopExpertsPerItemRouter._load_auxiliary_loss`` (commit ``fc7b61a6``), ``vmap``-ed over
+    groups and averaged.
+
+    Differences from Shazeer et al.'s smooth load ([`load_loss`][moeref.aux_losses.load_loss]):
+    the noise has a fixed standard deviation $\sigma$ (V-MoE: ``noise_std / num_experts``, no
+    noise network); the threshold is the $k$-th largest noisy logit for every expert (Shazeer:
+    the $k$-th largest *excluding* expert $i$); the load is a mean over tokens instead of a sum
+    ($\mathrm{CV}^2$ is scale free, so the loss is the same).
+
+    Parameters
+    ----------
+    logits : array, shape (T, E)
+        The clean router logits $z$ (finite).
+    draws : NoisyTopKDraws
+        The standard-normal draws $\varepsilon$ of the router's logit noise, shape (T, E) (the
+        router's ``RouterDraws.logit_noise``).
+    k : int
+        Experts per token, $1 \le k \le E$.
+    noise_std : float
+        $\sigma > 0$, the noise's standard deviation itself (moeref's router adds
+        $(\sigma_\text{opt}/E)\,\varepsilon$: pass ``logit_noise_std / E``).
+    group_size : int, optional
+        Tokens per routing group; must divide $T$. ``None``: one group.
+
+    Returns
+    -------
+    array, shape ()
+
+    Notes
+    -----
+    The threshold's expert is chosen by moeref's stable top-$k$ (ties: lower index); V-MoE uses
+    JAX's top-$k$, whose tie order is unspecified. The threshold is a noisy logit, so the loss is differentiable through it
+    ($\partial \tau_t / \partial z_{tj} = 1$ for its expert $j$); the expert's own $p_{tj}$ is then
+    constant in $z_{tj}$. The loss is NaN if every expert of a group has load 0 (underflow).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.aux_losses import NoisyTopKDraws, vmoe_load_loss
+    >>> z = np.array([[1.0, -1.0], [-1.0, 1.0]])  # symmetric: equal loads
+    >>> float(vmoe_load_loss(z, NoisyTopKDraws(np.zeros((2, 2))), 1, noise_std=0.5)) < 1e-20
+    True
+    """
+    xp, Tg, k, noise_std = _check_vmoe_load(logits, draws, k, noise_std, group_size)
+    cv2, _, _ = _cv2_rows(_vmoe_load_forward(logits, draws, k, noise_std, Tg).load)  # (G,)
+    return xp.mean(cv2)
+
+
+def vmoe_load_loss_vjp(
+    logits: Any, draws: NoisyTopKDraws, k: int, cotangent: Any, *, noise_std: float, group_size: int | None = None
+) -> VMoELossGrads:
+    r"""VJP of [`vmoe_load_loss`][moeref.aux_losses.vmoe_load_loss].
+
+    With $\bar{\mathrm{Load}}_g = \frac{\bar L}{G}\,\partial\mathrm{CV}^2/\partial\mathrm{Load}_g$,
+    $w_{ti} = (z_{ti} - \tau_t)/\sigma$ and $\phi$ the standard normal density:
+
+    $$\bar z_{ti} = \frac{\bar{\mathrm{Load}}_{g(t), i}}{T_g}\,\frac{\phi(w_{ti})}{\sigma}
+    + [i = j_t]\,\bar\tau_t, \qquad
+    \bar\tau_t = -\sum_i \frac{\bar{\mathrm{Load}}_{g(t), i}}{T_g}\,\frac{\phi(w_{ti})}{\sigma},$$
+
+    where $j_t$ holds the threshold ($\tau_t = z_{tj_t} + \sigma\varepsilon_{tj_t}$; which expert
+    holds it is piecewise constant, gradient 0). The draws are constants.
+
+    Returns
+    -------
+    VMoELossGrads
+        ``logits`` shape (T, E); ``draws`` and ``k`` are ``None``.
+    """
+    xp, Tg, k, noise_std = _check_vmoe_load(logits, draws, k, noise_std, group_size)
+    ct = _scalar_cotangent(cotangent, logits, xp)
+    fw = _vmoe_load_forward(logits, draws, k, noise_std, Tg)
+    G, E = fw.load.shape
+    load_bar = _cv2_rows_vjp(fw.load, xp.broadcast_to(ct / G, (G,)))  # (G, E)
+    p_bar = _spread_groups(load_bar, Tg) / Tg  # (T, E)
+    dz = p_bar * xp.exp(normal_logpdf(fw.w)) / noise_std  # (T, E)  through w directly
+    tau_bar = -xp.sum(dz, axis=-1, keepdims=True)  # (T, 1)
+    experts = xp.arange(E, dtype=fw.threshold_index.dtype, device=device_of(fw.threshold_index))
+    return VMoELossGrads(dz + xp.where(fw.threshold_index == experts, tau_bar, xp.zeros_like(dz)))
 
 
 # --------------------------------------------------------------------------------------------

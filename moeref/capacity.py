@@ -17,6 +17,7 @@ route order through the inverse permutation.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -42,12 +43,16 @@ __all__ = [
     "apply_capacity",
     "ROUNDINGS",
     "K_FACTORS",
+    "ARITHMETICS",
     "PRIORITIES",
+    "PRIORITY_VALUES",
 ]
 
 ROUNDINGS = ("ceil", "floor", "round_half_even")
 K_FACTORS = ("inside", "outside", "none")
+ARITHMETICS = ("exact", "python_float", "python_float_quotient_first", "deepspeed_float32")
 PRIORITIES = ("rank_major", "token_major", "batch_prioritized", "score", "random")
+PRIORITY_VALUES = ("weights", "router_scores")
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,9 @@ class CapacityOptions:
     where $k' = k$, $\kappa = 1$ for ``k_factor="inside"``; $k' = 1$, $\kappa = k$ for
     ``"outside"``; $k' = \kappa = 1$ for ``"none"``; the $\min(T_g, \cdot)$ applies only with
     ``clip_to_group_size``; and $\operatorname{multiple}_m$ rounds up to a multiple of $m$.
-    The product $c\,T_g k'/E$ is evaluated exactly (as a rational number of the float $c$), so
-    the rounding is never off by one from floating-point error. See
+    How the product $c\,T_g k'/E$ is evaluated before the rounding is ``arithmetic``: exactly
+    (as a rational number of the float $c$; the default, never off by one from floating-point
+    error) or in the floating-point order of a system. See
     [`expert_capacity`][moeref.capacity.expert_capacity] for which system uses which formula.
 
     Attributes
@@ -92,6 +98,29 @@ class CapacityOptions:
     multiple_of : int
         Round $C$ up to a multiple of this (V-MoE ``capacity_multiple_of``, default 4). 1 for
         none.
+    arithmetic : str
+        How $v = c\,T_g k'/E$ is evaluated before the rounding, with $n = T_g k'$ (an integer):
+
+        * ``"exact"`` (default): $v = c\,n/E$ as a rational number of the float $c$, the
+          value the formulas state;
+        * ``"python_float"``: Python floats (IEEE float64) in the order ``c * n / E``, i.e.
+          $\mathrm{fl}_{64}(\mathrm{fl}_{64}(c\,n)/E)$: flaxformer ``moe_layers.py``
+          (``round(capacity_factor * tokens_per_group / num_experts)``), Mesh-TF ``moe.py``
+          (``int((S * capacity_factor) / E)``), V-MoE ``moe.py`` ``compute_capacity``
+          (``ceil(num_tokens * capacity_factor / num_experts)`` with ``num_tokens = S * K``),
+          fairseq ``top2gate.py`` (``ceil(num_tokens / num_experts)``, $c = 1$);
+        * ``"python_float_quotient_first"``: float64 in the order ``c * (n / E)``, i.e.
+          $\mathrm{fl}_{64}(c\cdot\mathrm{fl}_{64}(n/E))$: Megablocks ``layers/moe.py``
+          ``expert_capacity`` (``int(moe_capacity_factor * (top_k * tokens / num_experts))``);
+        * ``"deepspeed_float32"``: DeepSpeed ``sharded_moe.py`` ``_capacity``,
+          ``ceil((T / E) * capacity_factor)`` with ``capacity_factor`` a float32 tensor of
+          ``c * k`` (``top2gating``: ``c * 2``, ``topkgating``: ``c * k``), so
+          $v = \mathrm{fl}_{32}\big(\mathrm{fl}_{32}(T_g/E)\cdot\mathrm{fl}_{32}(c\,k')\big)$.
+
+        They differ only where $c\,n/E$ lies within rounding error of an integer (or, for
+        ``"round_half_even"``, of a half): DeepSpeed's float32 gives
+        $\lceil 10/2 \cdot 1.1 \cdot 2\rceil = 11$ where the exact value for the double
+        $1.1$ (slightly above $11/10$) rounds up to 12.
     clip_to_group_size : bool
         $C \leftarrow \min(T_g, C)$ before the minimum (Mesh-TF ``min(s.size, ...)``).
     zero_capacity_means_dropless : bool
@@ -121,6 +150,27 @@ class CapacityOptions:
           (DeepSpeed ``topkgating`` ``drop_policy="probs"``);
         * ``"random"``: by an explicit uniform draw per route, descending (DeepSpeed top-1
           "Random Token Selection", ``use_rts=True``).
+    priority_values : str
+        What ``"batch_prioritized"`` and ``"score"`` order by: ``"weights"`` (default), the
+        route weights as they enter the capacity step (``routes.weight``: already normalised
+        when the router normalises before capacity); ``"router_scores"``, the router's score
+        of the route before any normalisation or scaling (the layer passes
+        $s_{t,e_{tj}}$ from [`RouterOutput`][moeref.router.RouterOutput]; a direct call of
+        [`apply_capacity`][moeref.capacity.apply_capacity] must pass them as ``priority``).
+        fairseq ``top2gating`` sorts by ``gates.max(dim=1)``, the raw softmax top-1
+        probability, also with ``normalize_gate_prob_before_dropping=True``:
+        ``"router_scores"``. V-MoE, flaxformer (``TokensChooseMaskedRouter``) and DeepSpeed
+        ``topkgating`` (``drop_policy="probs"``) do not normalise before the capacity step, so
+        both values agree there.
+    dropped_routes_take_slots : bool
+        Whether a route that arrives already dropped (``routes.kept`` False, e.g. by the
+        second-expert policy's coin) still takes its slot in the priority order, pushing the
+        routes behind it back. False (default): Mesh-TF ``_top_2_gating`` (``mask_2`` is
+        zeroed by the policy before ``position_in_expert_2`` is counted), fairseq
+        ``top2gating`` (``mask2 * sampled`` before ``locations2``), DeepSpeed. True: the
+        GShard paper's Algorithm 1 (Lepikhin et al. 2020, arXiv:2006.16668), whose
+        second-choice loop increments the expert's counter $c_{e_2}$ whether or not the
+        random coin kept the route.
     """
 
     capacity: int | None = None
@@ -129,11 +179,14 @@ class CapacityOptions:
     k_factor: str = "inside"
     min_capacity: int = 0
     multiple_of: int = 1
+    arithmetic: str = "exact"
     clip_to_group_size: bool = False
     zero_capacity_means_dropless: bool = False
     dropless: bool = False
     group_size: int | None = None
     priority: str = "rank_major"
+    priority_values: str = "weights"
+    dropped_routes_take_slots: bool = False
 
     def __post_init__(self) -> None:
         if not self.dropless:
@@ -151,9 +204,13 @@ class CapacityOptions:
         check_choice(self.k_factor, "options.k_factor", K_FACTORS)
         check_positive_int(self.min_capacity, "options.min_capacity", minimum=0)
         check_positive_int(self.multiple_of, "options.multiple_of")
+        check_choice(self.arithmetic, "options.arithmetic", ARITHMETICS)
         if self.group_size is not None:
             check_positive_int(self.group_size, "options.group_size")
         check_choice(self.priority, "options.priority", PRIORITIES)
+        check_choice(self.priority_values, "options.priority_values", PRIORITY_VALUES)
+        if not isinstance(self.dropped_routes_take_slots, bool):
+            raise TypeError(f"options.dropped_routes_take_slots must be a bool, got {self.dropped_routes_take_slots!r}")
 
 
 class CapacityDraws(NamedTuple):
@@ -194,12 +251,30 @@ class CapacityResult(NamedTuple):
     report: CapacityReport
 
 
-def _round(value: Fraction, rounding: str) -> int:
+def _round(value: Fraction | float, rounding: str) -> int:
     if rounding == "ceil":
         return math.ceil(value)
     if rounding == "floor":
         return math.floor(value)
-    return round(value)  # Fraction.__round__: half to even
+    return round(value)  # Fraction.__round__ and float.__round__: half to even
+
+
+def _float32(value: float) -> float:
+    """Round a Python float to the nearest IEEE float32 (what ``torch.tensor(value)`` stores)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _capacity_value(tokens: int, k_in: int, num_experts: int, cf: float, arithmetic: str) -> Fraction | float:
+    r"""$c\,T_g k'/E$ evaluated as ``arithmetic`` says (see ``CapacityOptions.arithmetic``)."""
+    n = tokens * k_in  # an exact integer in every system
+    if arithmetic == "exact":
+        return Fraction(cf) * n / num_experts
+    if arithmetic == "python_float":
+        return float(cf) * n / num_experts  # (c * n) / E, left to right
+    if arithmetic == "python_float_quotient_first":
+        return float(cf) * (n / num_experts)
+    # DeepSpeed _capacity: (T / E) as a Python float times the float32 tensor c * k, in float32
+    return _float32(_float32(tokens / num_experts) * _float32(float(cf) * k_in))
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: CapacityOptions) -> int | None:
@@ -214,12 +289,12 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: Ca
     | system (file) | options |
     |---|---|
     | Switch Transformer, HF ``modeling_switch_transformers.py`` | fixed ``capacity`` |
-    | flaxformer ``moe_layers.py``: ``max(int(round(cf * T_g / E)), min_expert_capacity)`` | ``rounding="round_half_even"``, ``k_factor="none"``, ``min_capacity=4`` |
-    | Mesh-TF ``moe.py``: ``max(min(S, int(S * cf / E)), 4)`` | ``rounding="floor"``, ``k_factor="none"``, ``clip_to_group_size=True``, ``min_capacity=4`` |
-    | DeepSpeed ``sharded_moe.py`` ``_capacity``: ``ceil(T / E * cf)``, top-k with ``cf * k``, ``min_capacity`` | ``rounding="ceil"``, ``k_factor="none"`` (top-1) or ``"inside"`` (top-2 / top-k), ``min_capacity`` |
-    | fairseq ``top2gate.py``: ``2 * ceil(T / E)`` | ``capacity_factor=1``, ``rounding="ceil"``, ``k_factor="outside"`` |
-    | V-MoE ``moe.py`` ``compute_capacity``: ``ceil(T_g * k * cf / E)`` up to a multiple of 4 | ``rounding="ceil"`` (or ``"round_half_even"``), ``k_factor="inside"``, ``multiple_of=4`` |
-    | Megablocks ``moe.py`` ``expert_capacity``: ``int(cf * k * T / E)``, 0 = dropless | ``rounding="floor"``, ``k_factor="inside"``, ``zero_capacity_means_dropless=True`` |
+    | flaxformer ``moe_layers.py``: ``max(int(round(cf * T_g / E)), min_expert_capacity)`` | ``rounding="round_half_even"``, ``k_factor="none"``, ``min_capacity=4``, ``arithmetic="python_float"`` |
+    | Mesh-TF ``moe.py``: ``min(S, int(S * cf / E))`` (``transformer_moe_layer_v1``; v2 adds ``max(..., 4)``) | ``rounding="floor"``, ``k_factor="none"``, ``clip_to_group_size=True``, ``arithmetic="python_float"`` (``min_capacity=4`` for v2) |
+    | DeepSpeed ``sharded_moe.py`` ``_capacity``: ``ceil(T / E * cf)`` in float32, top-k with ``cf * k``, ``min_capacity`` | ``rounding="ceil"``, ``k_factor="none"`` (top-1) or ``"inside"`` (top-2 / top-k), ``min_capacity``, ``arithmetic="deepspeed_float32"`` |
+    | fairseq ``top2gate.py``: ``2 * ceil(T / E)`` | ``capacity_factor=1``, ``rounding="ceil"``, ``k_factor="outside"``, ``arithmetic="python_float"`` |
+    | V-MoE ``moe.py`` ``compute_capacity``: ``ceil(T_g * k * cf / E)`` up to a multiple of 4 | ``rounding="ceil"`` (or ``"round_half_even"``), ``k_factor="inside"``, ``multiple_of=4``, ``arithmetic="python_float"`` |
+    | Megablocks ``moe.py`` ``expert_capacity``: ``int(cf * (k * T / E))``, 0 = dropless | ``rounding="floor"``, ``k_factor="inside"``, ``zero_capacity_means_dropless=True``, ``arithmetic="python_float_quotient_first"`` |
 
     Parameters
     ----------
@@ -238,10 +313,12 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: Ca
 
     Notes
     -----
-    The product is exact: ``capacity_factor=0.3``, $T_g = 10$, $E = 3$ gives
-    $\lceil 0.3 \cdot 10 / 3\rceil = 1$ in moeref (0.3 is stored as slightly less than 3/10),
-    while a float evaluation may round $c T_g/E$ up to exactly 1.0 or past it depending on the
-    order of operations.
+    With ``arithmetic="exact"`` the product is exact: ``capacity_factor=1.1``, $n = 20$, $E = 2$
+    gives $\lceil 1.1 \cdot 20/2\rceil = 12$ (the double nearest 1.1 is slightly above
+    11/10), while ``1.1 * 20 / 2`` in Python floats is exactly 11.0. The two float orders differ
+    too: ``1.1 * 90 / 3`` is ``33.00000000000001`` (ceil 34) and ``1.1 * (90 / 3)`` is ``33.0``.
+    The float modes reproduce each system's value bit for bit, off-by-one results next to an
+    integer included.
 
     Examples
     --------
@@ -250,6 +327,8 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: Ca
     10
     >>> expert_capacity(16, 4, 2, CapacityOptions(capacity_factor=1.0, k_factor="outside"))  # fairseq top-2
     8
+    >>> [expert_capacity(10, 2, 2, CapacityOptions(capacity_factor=1.1, arithmetic=a)) for a in ("exact", "deepspeed_float32")]
+    [12, 11]
     """
     check_positive_int(tokens_per_group, "tokens_per_group")
     check_positive_int(num_experts, "num_experts")
@@ -261,7 +340,8 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: Ca
         return options.capacity
     k_in = k if options.k_factor == "inside" else 1
     kappa = k if options.k_factor == "outside" else 1
-    c = kappa * _round(Fraction(options.capacity_factor) * tokens_per_group * k_in / num_experts, options.rounding)
+    value = _capacity_value(tokens_per_group, k_in, num_experts, options.capacity_factor, options.arithmetic)
+    c = kappa * _round(value, options.rounding)
     if c == 0 and options.zero_capacity_means_dropless:
         return None
     if options.clip_to_group_size:
@@ -309,7 +389,9 @@ def apply_capacity(
 
     and it is kept iff it was live and $p_r < C$. Dropped routes get weight 0. Live means
     ``routes.kept`` on input: a route already dropped (e.g. by a second-expert policy) never
-    takes a slot; its position is counted after every live route of its expert.
+    takes a slot; its position is counted after every live route of its expert. With
+    ``options.dropped_routes_take_slots`` (the GShard paper's Algorithm 1) the count runs over
+    every route, dropped or not, so a dropped route still occupies its slot.
 
     Capacity and priority rules: Lepikhin et al. (2020), "GShard", arXiv:2006.16668,
     Algorithm 1 (top-2 with capacity, rank-major); Fedus, Zoph & Shazeer (2021), "Switch
@@ -330,8 +412,8 @@ def apply_capacity(
     priority : array, optional
         Overrides the values the order is taken from: shape (T,) for ``"batch_prioritized"``
         (default ``routes.weight[:, 0]``; pass e.g. the router's unnormalised top-1 probability),
-        shape (T, k) for ``"score"`` (default ``routes.weight``). Not accepted by the other
-        priorities.
+        shape (T, k) for ``"score"`` (default ``routes.weight``). Required by those two with
+        ``options.priority_values="router_scores"``; not accepted by the other priorities.
     draws : CapacityDraws, optional
         Required for ``priority="random"`` (and rejected otherwise).
 
@@ -374,6 +456,11 @@ def apply_capacity(
     order_name = options.priority
     if priority is not None and order_name not in ("batch_prioritized", "score"):
         raise ValueError(f"priority values are read only by options.priority='batch_prioritized' or 'score', not {order_name!r}")
+    if priority is None and order_name in ("batch_prioritized", "score") and options.priority_values == "router_scores":
+        raise ValueError(
+            f"options.priority_values='router_scores' needs the router's scores of the routes as priority= "
+            f"(shape {(T,) if order_name == 'batch_prioritized' else (T, k)}); sparse_moe_layer passes them"
+        )
     if (draws is not None) != (order_name == "random"):
         raise ValueError("draws (CapacityDraws) are required for options.priority='random' and accepted only there")
     flat_ids = xp.arange(N, dtype=xp.int64, device=dev)  # n = t*k + j
@@ -407,7 +494,9 @@ def apply_capacity(
     # --- segment key (group, expert, dead), stable sort after the priority order ---------
     group = xp.reshape(xp.broadcast_to((xp.arange(T, dtype=xp.int64, device=dev) // Tg)[:, None], (T, k)), (N,))  # (N,)
     expert = xp.reshape(xp.astype(routes.expert_index, xp.int64), (N,))  # (N,)
-    dead = xp.astype(~xp.reshape(routes.kept, (N,)), xp.int64)  # (N,) 1 = dropped before capacity
+    live = xp.reshape(routes.kept, (N,))  # (N,) False = dropped before capacity
+    # a route dropped before capacity sorts after the live ones of its segment, unless it keeps its slot
+    dead = xp.zeros((N,), dtype=xp.int64, device=dev) if options.dropped_routes_take_slots else xp.astype(~live, xp.int64)
     segment = (group * E + expert) * 2 + dead  # (N,)
     seg_in_priority = xp.take(segment, pre_order, axis=0)
     order = xp.take(pre_order, xp.astype(xp.argsort(seg_in_priority, stable=True), xp.int64), axis=0)  # (N,)
@@ -420,14 +509,24 @@ def apply_capacity(
     grid = xp.arange(G * E, dtype=xp.int64, device=dev) * 2  # live segment of each (group, expert)
     left = xp.searchsorted(sorted_seg, grid, side="left")
     right = xp.searchsorted(sorted_seg, grid, side="right")
-    counts_before = xp.reshape(xp.astype(right - left, xp.int64), (G, E))  # (G, E)
     C = expert_capacity(Tg, E, k, options)
+    if options.dropped_routes_take_slots:
+        # segments hold dead routes too: count the live ones with a prefix sum in sorted order
+        live_prefix = xp.cumulative_sum(xp.astype(xp.take(live, order, axis=0), xp.int64), include_initial=True)  # (N+1,)
+        counts_before = xp.reshape(xp.take(live_prefix, right, axis=0) - xp.take(live_prefix, left, axis=0), (G, E))  # (G, E)
+    else:
+        counts_before = xp.reshape(xp.astype(right - left, xp.int64), (G, E))  # (G, E)
     if C is None:
         C = int(xp.max(counts_before)) if G * E > 0 else 0
         kept = routes.kept
+        counts_after = counts_before
     else:
         kept = routes.kept & (position < C)
-    counts_after = xp.minimum(counts_before, xp.full_like(counts_before, C))
+        if options.dropped_routes_take_slots:
+            first_c = xp.minimum(left + C, right)  # end of each segment's first C slots
+            counts_after = xp.reshape(xp.take(live_prefix, first_c, axis=0) - xp.take(live_prefix, left, axis=0), (G, E))  # (G, E)
+        else:
+            counts_after = xp.minimum(counts_before, xp.full_like(counts_before, C))
     weight = xp.where(kept, routes.weight, xp.zeros_like(routes.weight))
     new_routes = Routes(expert_index=routes.expert_index, weight=weight, kept=kept, position=position)
     return CapacityResult(new_routes, CapacityReport(counts_before, counts_after, C))

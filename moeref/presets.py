@@ -31,10 +31,11 @@ it (``docs/scripts/conventions_matrix.py``), so the page cannot drift from the c
 added ungated, Qwen2-MoE's sigmoid-gated ``shared_expert``, Llama 4's ungated
 ``shared_expert``; see [`moeref.shared_experts`][moeref.shared_experts]); a keyword turns each
 off. The router bias of GPT-OSS is a parameter (``RouterParams.bias``), DeepSeek-V3's
-``e_score_correction_bias`` is ``RouterParams.selection_bias``. The layer's auxiliary losses
-are the Switch / GShard balancing loss and the z-loss; the importance and load losses of
-Shazeer et al. (2017) and V-MoE are computed beside it (see [`shazeer2017`][moeref.presets.shazeer2017]
-and [`vmoe`][moeref.presets.vmoe]).
+``e_score_correction_bias`` is ``RouterParams.selection_bias``. Every auxiliary loss a system
+trains with is a loss of the layer, reported and differentiated: the Switch / GShard balancing
+loss, the z-loss, DeepSeek-V3's sequence-wise loss, and the importance and load losses of
+Shazeer et al. (2017) ([`shazeer2017`][moeref.presets.shazeer2017]) and V-MoE
+([`vmoe`][moeref.presets.vmoe]).
 """
 
 from __future__ import annotations
@@ -43,13 +44,20 @@ import ast
 import dataclasses
 import inspect
 import math
-import struct
 import types
 import typing
 from typing import Any, Callable, NamedTuple
 
-from .aux_losses import DEEPSEEK_V3_SEQUENCE_BALANCE, DEEPSPEED_TOPK, GSHARD, HF_MIXTRAL, HF_SWITCH_TRANSFORMERS, SWITCH_TRANSFORMER
-from .capacity import CapacityOptions
+from .aux_losses import (
+    DEEPSEEK_V3_SEQUENCE_BALANCE,
+    DEEPSPEED_TOPK,
+    GSHARD,
+    HF_MIXTRAL,
+    HF_SWITCH_TRANSFORMERS,
+    SHAZEER_TENSOR2TENSOR,
+    SWITCH_TRANSFORMER,
+)
+from .capacity import CapacityOptions, expert_capacity
 from .expert_ffn import GELU_TANH_FFN, GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN
 from .router import RouterOptions
 from .shared_experts import SharedExpertOptions
@@ -340,6 +348,7 @@ def gshard_top2(
     group_size: int | None = None,
     second_expert_policy: str = "random",
     second_expert_threshold: float = 0.2,
+    dropped_second_takes_slot: bool = False,
 ) -> SparseMoEOptions:
     r"""GShard top-2 gating (Lepikhin et al. 2020, Algorithm 1) as tensorflow/mesh implements it (``_top_2_gating``).
 
@@ -350,7 +359,8 @@ def gshard_top2(
     route iff $U < g_2/\theta$ with $\theta = 0.2$ (``moe_second_threshold_*``; draws
     ``RouterDraws.second_expert_uniform``, shape $(T,)$); capacity per routing group of $S$
     tokens $C = \min(S, \lfloor c\,S/E \rfloor)$ (``k_factor="none"``, ``rounding="floor"``,
-    ``clip_to_group_size``, no minimum) with $c = 2$: the $2S/E$ of the paper's Algorithm 1
+    ``clip_to_group_size``, no minimum; ``int((S * c) / E)`` in Python floats:
+    ``arithmetic="python_float"``) with $c = 2$: the $2S/E$ of the paper's Algorithm 1
     (Mesh-TF's ``capacity_factor_train`` default is 1.25, eval 2.0); rank-major priority (every
     first choice in token order, then the second choices, which queue behind the kept first
     choices: ``position_in_expert_2 = cumsum(mask_2) + mask_1_count``); a second route dropped by
@@ -360,11 +370,14 @@ def gshard_top2(
     ([`GSHARD`][moeref.aux_losses.GSHARD] with Mesh-TF's padding rule ``mask_mode="zero"``),
     coefficient ``loss_coef = 1e-2``; no z-loss.
 
-    Differences from the paper's Algorithm 1, which moeref does not follow: the paper
-    normalises by $g_1 + g_2$ (no $\epsilon$), keeps the second expert iff $2 g_2 > U$ (use
-    ``second_expert_threshold=0.5``), lets a second route dropped by that coin still take a slot
-    (line 22), and writes the loss as $\frac1E\sum_e c_e m_e / S$ (the scale
-    [`GSHARD_PAPER`][moeref.aux_losses.GSHARD_PAPER], a constant factor $E^2$).
+    Differences from the paper's Algorithm 1, each available as an option: the paper
+    normalises by $g_1 + g_2$ (no $\epsilon$: ``normalize="sum"``), keeps the second expert
+    iff $2 g_2 > U$ (``second_expert_threshold=0.5``), lets a second route dropped by that coin
+    still take its capacity slot (line 22 increments the counter either way:
+    ``dropped_second_takes_slot=True``, i.e.
+    ``CapacityOptions.dropped_routes_take_slots``), and writes the loss as
+    $\frac1E\sum_e c_e m_e / S$ (the scale [`GSHARD_PAPER`][moeref.aux_losses.GSHARD_PAPER], a
+    constant factor $E^2$).
 
     Source: tensorflow/mesh ``mesh_tensorflow/transformer/moe.py`` at commit ``b6e9d08``
     (``MoE1D``, ``transformer_moe_layer_v1``, ``_top_2_gating``). Lepikhin et al. (2020),
@@ -382,6 +395,9 @@ def gshard_top2(
         Mesh-TF's ``moe_second_policy_*``; ``"all"`` needs no draws.
     second_expert_threshold : float
         $\theta$.
+    dropped_second_takes_slot : bool
+        The paper's slot rule (a second route dropped by the policy still occupies its slot);
+        False: Mesh-TF's (it takes none).
 
     Examples
     --------
@@ -393,6 +409,8 @@ def gshard_top2(
     """
     check_choice(second_expert_policy, "second_expert_policy", _GSHARD_POLICIES)
     check_positive_float(capacity_factor, "capacity_factor")
+    if not isinstance(dropped_second_takes_slot, bool):
+        raise TypeError(f"dropped_second_takes_slot must be a bool, got {dropped_second_takes_slot!r}")
     return SparseMoEOptions(
         router=RouterOptions(
             k=2,
@@ -406,9 +424,11 @@ def gshard_top2(
             capacity_factor=capacity_factor,
             rounding="floor",
             k_factor="none",
+            arithmetic="python_float",
             clip_to_group_size=True,
             group_size=group_size,
             priority="rank_major",
+            dropped_routes_take_slots=dropped_second_takes_slot,
         ),
         ffn=RELU_FFN,
         load_balancing=dataclasses.replace(GSHARD, mask_mode="zero", group_size=group_size),
@@ -437,9 +457,11 @@ def fairseq_top2(
     noise-free probabilities; ``"all"`` keeps every second route. Capacity
     $C = 2\lceil T/E\rceil$ over all $T$ tokens of the batch (``capacity = 2 *
     math.ceil(num_tokens / num_experts)``: ``capacity_factor=1``, ``rounding="ceil"``,
-    ``k_factor="outside"``); rank-major priority (``locations2 += sum(mask1)``, the second
-    choices queue behind every first choice), or batch-prioritised routing by the raw top-1
-    probability; a second route dropped by the policy takes no slot. Weights renormalised
+    ``k_factor="outside"``, ``arithmetic="python_float"``); rank-major priority
+    (``locations2 += sum(mask1)``, the second choices queue behind every first choice), or
+    batch-prioritised routing, which orders the tokens by ``gates.max(dim=1)``, the raw softmax
+    top-1 probability, also when the weights are normalised before dropping
+    (``priority_values="router_scores"``); a second route dropped by the policy takes no slot. Weights renormalised
     **after** dropping over the kept routes, $g_i / \max(g_1 + g_2, \epsilon_\text{mach})$
     (``normalize="sum_clamp"``, ``torch.finfo(dtype).eps``), unless
     ``normalize_gate_prob_before_dropping``. ReLU experts (fairseq's ``FeedForwardNetwork``,
@@ -463,7 +485,8 @@ def fairseq_top2(
     normalize_gate_prob_before_dropping : bool
         Normalise $g_1, g_2$ before the policy and the capacity limit.
     batch_prioritized_routing : bool
-        Order tokens by their top-1 probability before assigning slots.
+        Order tokens by their raw top-1 probability before assigning slots (fairseq sorts with
+        the unstable ``argsort``; moeref breaks ties by token index).
 
     Examples
     --------
@@ -492,7 +515,9 @@ def fairseq_top2(
             capacity_factor=1.0,
             rounding="ceil",
             k_factor="outside",
+            arithmetic="python_float",
             priority="batch_prioritized" if batch_prioritized_routing else "rank_major",
+            priority_values="router_scores" if batch_prioritized_routing else "weights",
         ),
         ffn=RELU_FFN,
         load_balancing=GSHARD,
@@ -505,11 +530,6 @@ def fairseq_top2(
 # --------------------------------------------------------------------------------------------
 
 
-def _float32(value: float) -> float:
-    """Round a Python float to the nearest IEEE float32 (what ``torch.tensor(value)`` stores)."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *, k: int = 1, min_capacity: int = 0) -> int:
     r"""DeepSpeed's expert capacity, bit for bit: its ``_capacity`` evaluated in float32.
 
@@ -518,11 +538,13 @@ def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float
 
     where $\mathrm{fl}_{32}$ rounds to float32: ``torch.tensor(capacity_factor * k)`` is a
     float32 tensor, and ``(num_tokens / num_experts) * capacity_factor`` multiplies it by the
-    Python float $T/E$ in float32. [`expert_capacity`][moeref.capacity.expert_capacity]
-    evaluates $c\,k\,T/E$ exactly (as a rational number of the float $c$) and so differs
-    wherever the product lies within float32 rounding of an integer: $T = 10$, $E = 2$,
-    $c = 1.1$, $k = 2$ gives 11 here (the float32 product is exactly 11) and 12 exactly (the
-    double 1.1 is slightly above 11/10).
+    Python float $T/E$ in float32. This is
+    [`expert_capacity`][moeref.capacity.expert_capacity] with
+    ``CapacityOptions(arithmetic="deepspeed_float32", rounding="ceil", k_factor="inside")``, the
+    arithmetic the DeepSpeed presets use; kept as a shortcut. The exact rule
+    (``arithmetic="exact"``) differs wherever the product lies within float32 rounding of an
+    integer: $T = 10$, $E = 2$, $c = 1.1$, $k = 2$ gives 11 here (the float32 product is exactly
+    11) and 12 exactly (the double 1.1 is slightly above 11/10).
 
     Source: microsoft/DeepSpeed v0.19.8 (the installed version) ``deepspeed/moe/sharded_moe.py``
     ``_capacity``; ``top1gating`` passes ``capacity_factor``, ``top2gating``
@@ -554,8 +576,8 @@ def deepspeed_capacity(num_tokens: int, num_experts: int, capacity_factor: float
     check_positive_int(k, "k")
     check_positive_int(min_capacity, "min_capacity", minimum=0)
     c = check_positive_float(capacity_factor, "capacity_factor")
-    product = _float32(_float32(num_tokens / num_experts) * _float32(c * k))
-    return max(math.ceil(product), min_capacity)
+    options = CapacityOptions(capacity_factor=c, rounding="ceil", k_factor="inside", min_capacity=min_capacity, arithmetic="deepspeed_float32")
+    return expert_capacity(num_tokens, num_experts, k, options)
 
 
 _DS_NOISE = (None, "Jitter", "RSample")
@@ -579,11 +601,16 @@ def _deepspeed_capacity_options(
         raise ValueError("num_tokens and num_experts must be given together (to pin DeepSpeed's float32 capacity) or both be None")
     if not drop_tokens:
         return CapacityOptions(dropless=True)
-    if num_tokens is not None:
+    if num_tokens is not None:  # the former way to get DeepSpeed's float32 value: still a fixed capacity
         fixed = deepspeed_capacity(num_tokens, num_experts, capacity_factor, k=k, min_capacity=min_capacity)
         return CapacityOptions(capacity=fixed, capacity_factor=None, priority=priority)
     return CapacityOptions(
-        capacity_factor=capacity_factor, rounding="ceil", k_factor=k_factor, min_capacity=min_capacity, priority=priority
+        capacity_factor=capacity_factor,
+        rounding="ceil",
+        k_factor=k_factor,
+        min_capacity=min_capacity,
+        arithmetic="deepspeed_float32",
+        priority=priority,
     )
 
 
@@ -606,8 +633,8 @@ def deepspeed_top1(
     Softmax over $E$ (float32 in DeepSpeed); the expert is the arg-max of the probabilities, its
     weight the raw probability (``normalize="none"``); capacity
     $\max(\lceil c\,T/E\rceil, C_\text{min})$ over all $T$ tokens (``rounding="ceil"``,
-    ``k_factor="none"``; DeepSpeed evaluates it in float32, see
-    [`deepspeed_capacity`][moeref.presets.deepspeed_capacity]); with ``use_rts`` (Random Token
+    ``k_factor="none"``, evaluated in float32 as DeepSpeed does:
+    ``arithmetic="deepspeed_float32"``); with ``use_rts`` (Random Token
     Selection, the default) each expert keeps the routes with the largest uniform draws
     (``priority="random"``, draws ``CapacityDraws.uniform`` of shape $(T, 1)$: DeepSpeed's
     ``mask1 * uniform`` then ``topk`` over tokens); ``drop_tokens=False`` is dropless.
@@ -645,7 +672,7 @@ def deepspeed_top1(
         Random token selection.
     noisy_gate_policy : {None, "Jitter", "RSample"}
     num_tokens, num_experts : int or None
-        See [`deepspeed_top2`][moeref.presets.deepspeed_top2].
+        Not needed (see [`deepspeed_top2`][moeref.presets.deepspeed_top2]).
 
     Examples
     --------
@@ -692,8 +719,8 @@ def deepspeed_top2(
     DeepSpeed adds the noise to its ``logits`` argument **in place**), else the second-largest
     probability; weights are the noise-free probabilities. Capacity
     $\max(\lceil 2c\,T/E\rceil, C_\text{min})$ over all $T$ tokens (``rounding="ceil"``,
-    ``k_factor="inside"``; float32 in DeepSpeed, see
-    [`deepspeed_capacity`][moeref.presets.deepspeed_capacity]); rank-major priority
+    ``k_factor="inside"``, in DeepSpeed's float32: ``arithmetic="deepspeed_float32"``);
+    rank-major priority
     (``locations2 += sum(mask1)``: second choices queue behind every first choice);
     ``drop_tokens=False`` is dropless. Weights renormalised **after** dropping,
     $g_i/\max(g_1 + g_2, \epsilon_\text{mach})$ over the kept routes (``normalize="sum_clamp"``,
@@ -719,15 +746,17 @@ def deepspeed_top2(
         Gumbel sampling of the second expert.
     noisy_gate_policy : {None, "Jitter"}
     num_tokens, num_experts : int or None
-        When given, the capacity is pinned to DeepSpeed's float32 value
+        Not needed: the capacity is already DeepSpeed's float32 value for every batch size.
+        When given (both), the capacity is fixed to
         [`deepspeed_capacity`][moeref.presets.deepspeed_capacity] for this batch (a fixed
-        ``capacity``), which can differ by one from the exact rule.
+        ``capacity``, the same number); kept for compatibility.
 
     Examples
     --------
+    >>> from moeref.capacity import expert_capacity
     >>> from moeref.presets import deepspeed_top2
-    >>> o = deepspeed_top2(num_tokens=10, num_experts=2, capacity_factor=1.1, min_capacity=0)
-    >>> o.capacity.capacity, o.router.gumbel, o.normalize_after_capacity
+    >>> o = deepspeed_top2(capacity_factor=1.1, min_capacity=0)
+    >>> expert_capacity(10, 2, 2, o.capacity), o.router.gumbel, o.normalize_after_capacity  # DeepSpeed's 11, not 12
     (11, 'selection_after_first', True)
     """
     if noisy_gate_policy not in (None, "Jitter"):
@@ -769,8 +798,8 @@ def deepspeed_topk(
 
     Softmax over $E$; the $k$ largest probabilities (``torch.topk``); capacity
     $\max(\lceil k c\,T/E\rceil, C_\text{min})$ over all $T$ tokens (``rounding="ceil"``,
-    ``k_factor="inside"``; float32 in DeepSpeed, see
-    [`deepspeed_capacity`][moeref.presets.deepspeed_capacity]); ``drop_policy="probs"`` (the
+    ``k_factor="inside"``, in DeepSpeed's float32: ``arithmetic="deepspeed_float32"``);
+    ``drop_policy="probs"`` (the
     default) keeps, per expert, the routes with the largest probabilities
     (``priority="score"`` on the raw probabilities), ``"position"`` the first in token order
     (``priority="token_major"``); ``drop_tokens=False`` is dropless. Weights renormalised
@@ -796,7 +825,7 @@ def deepspeed_topk(
     drop_policy : {"probs", "position"}
     noisy_gate_policy : {None, "Jitter"}
     num_tokens, num_experts : int or None
-        See [`deepspeed_top2`][moeref.presets.deepspeed_top2].
+        Not needed (see [`deepspeed_top2`][moeref.presets.deepspeed_top2]).
 
     Examples
     --------
@@ -831,52 +860,74 @@ def deepspeed_topk(
 # --------------------------------------------------------------------------------------------
 
 
-def shazeer2017(*, k: int = 4, noisy: bool = True) -> SparseMoEOptions:
-    r"""Noisy top-$k$ gating of Shazeer et al. (2017), eqs. (3)-(5).
+def shazeer2017(*, k: int = 4, noisy: bool = True, loss_coef: float = 1e-2) -> SparseMoEOptions:
+    r"""Noisy top-$k$ gating of Shazeer et al. (2017), eqs. (3)-(5), with its importance and load losses, as tensor2tensor implements it.
 
-    $$H(x)_i = (x W_g)_i + \mathcal N(0, 1)\cdot\operatorname{softplus}\big((x W_\text{noise})_i\big),
+    $$H(x)_i = (x W_g)_i + \mathcal N(0, 1)\cdot\big(\operatorname{softplus}((x W_\text{noise})_i) + \epsilon\big),
     \qquad G(x) = \operatorname{softmax}\big(\operatorname{KeepTopK}(H(x), k)\big):$$
 
     the top-$k$ of the noisy logits, softmax over those $k$ (``score="topk_softmax"``,
     ``noisy_top_k=True``: pass ``RouterParams.noise_weight`` $W_\text{noise}$ and the normal
-    draws ``RouterDraws.noise``; ``noisy=False`` gives the noise-free gate of evaluation); no
-    capacity limit (dropless); experts with one ReLU hidden layer (Sec. 3.1 / Appendix C). The
-    paper's balancing losses, the importance loss (eq. (7)) and the load loss (eq. (11)) with
-    its smooth estimator, are not losses of the layer: compute them beside it with
-    [`importance_loss`][moeref.aux_losses.importance_loss] and
-    [`load_loss`][moeref.aux_losses.load_loss] from ``out.logits``, ``x @ noise_weight`` and the
-    same draws (``options=SHAZEER_PAPER`` for the printed formulas, no epsilons). The layer's
-    Switch-style balancing loss and z-loss are reported with coefficient 0. The paper's eq. (4)
-    has no noise floor; tensorflow/tensor2tensor adds $10^{-2}$ to the softplus
-    (``noise_epsilon``), which the router does not model.
+    draws ``RouterDraws.noise``; ``noisy=False`` gives the noise-free gate of evaluation), with
+    tensor2tensor's noise floor $\epsilon = 10^{-2}$ (``noise_epsilon``; the paper's eq. (4) has
+    none); no capacity limit (dropless); experts with one ReLU hidden layer (Sec. 3.1 /
+    Appendix C). The layer computes the paper's two balancing losses over all $T$ tokens and
+    differentiates them with the draws held fixed: the importance loss
+    $w_\text{importance}\,\mathrm{CV}(\sum_x G(x))^2$ (eqs. (6)-(7),
+    ``importance_loss="shazeer2017"``) and the load loss $w_\text{load}\,\mathrm{CV}(\mathrm{Load})^2$
+    with the smooth normal-CDF load estimator (eqs. (8)-(11), ``load_loss="shazeer2017"``),
+    with tensor2tensor's $\mathrm{CV}^2$ (population variance, $10^{-10}$ epsilons:
+    [`SHAZEER_TENSOR2TENSOR`][moeref.aux_losses.SHAZEER_TENSOR2TENSOR]) and both weights
+    $10^{-2}$, tensor2tensor's ``local_moe(..., loss_coef=1e-2)`` default (``loss_coef *
+    (cv_squared(importance) + cv_squared(load))``; the paper's Appendix A compares several
+    values of $w_\text{importance}$ and $w_\text{load}$). With ``noisy=False``
+    only the importance loss is computed (tensor2tensor's noise-free load is a token count, not
+    differentiable). The Switch-style balancing loss and the z-loss are reported with
+    coefficient 0.
 
     Source: Shazeer, Mirhoseini, Maziarz, Davis, Le, Hinton & Dean (2017), "Outrageously Large
     Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017, arXiv:1701.06538,
-    eqs. (1), (3)-(5), (6)-(11); reference code tensorflow/tensor2tensor
-    ``tensor2tensor/utils/expert_utils.py`` (``noisy_top_k_gating``, ``cv_squared``).
+    eqs. (1), (3)-(5), (6)-(11); reference code tensorflow/tensor2tensor at commit ``e1f0e3a7``
+    ``tensor2tensor/utils/expert_utils.py`` (``noisy_top_k_gating``, ``cv_squared``,
+    ``local_moe``).
 
     Parameters
     ----------
     k : int
-        Experts per token (4 in the paper's language-model experiments).
+        Experts per token (4 in the paper's language-model experiments); the load loss needs
+        $k < E$.
     noisy : bool
-        Noisy gating (training); False: $H = x W_g$.
+        Noisy gating (training); False: $H = x W_g$ and no load loss.
+    loss_coef : float
+        $w_\text{importance} = w_\text{load}$ (tensor2tensor's ``loss_coef``).
 
     Examples
     --------
     >>> from moeref.presets import shazeer2017
     >>> o = shazeer2017()
-    >>> o.router.score, o.router.noisy_top_k, o.capacity.dropless
-    ('topk_softmax', True, True)
+    >>> o.router.score, o.router.noise_epsilon, o.importance_loss, o.load_loss, o.load_loss_coef
+    ('topk_softmax', 0.01, 'shazeer2017', 'shazeer2017', 0.01)
     """
     check_positive_int(k, "k")
     if not isinstance(noisy, bool):
         raise TypeError(f"noisy must be a bool, got {noisy!r}")
+    loss_coef = _check_coef(loss_coef, "loss_coef")
     return SparseMoEOptions(
-        router=RouterOptions(k=k, score="topk_softmax", noisy_top_k=noisy),
+        router=RouterOptions(k=k, score="topk_softmax", noisy_top_k=noisy, noise_epsilon=1e-2 if noisy else 0.0),
         capacity=CapacityOptions(dropless=True),
         ffn=RELU_FFN,
+        importance_loss="shazeer2017",
+        importance_loss_coef=loss_coef,
+        load_loss="shazeer2017" if noisy else None,
+        load_loss_coef=loss_coef if noisy else 0.0,
+        shazeer_loss=SHAZEER_TENSOR2TENSOR,
     )
+
+
+def _check_coef(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def vmoe(
@@ -886,6 +937,8 @@ def vmoe(
     group_size: int | None = None,
     batch_priority: bool = True,
     noise_std: float = 1.0,
+    importance_loss_weight: float = 0.005,
+    load_loss_weight: float = 0.005,
 ) -> SparseMoEOptions:
     r"""V-MoE (Riquelme et al. 2021): noisy softmax router, per-group capacity, Batch Prioritized Routing.
 
@@ -895,15 +948,19 @@ def vmoe(
     softmax over $E$, top-$k$ ($k = 2$), weights the raw (noisy) probabilities, no
     renormalisation. Capacity per routing group of $S$ tokens
     $\lceil c\,k\,S/E\rceil$ rounded up to a multiple of 4 (``compute_capacity``:
-    ``rounding="ceil"``, ``k_factor="inside"``, ``multiple_of=4``) with $c = 1.05$ (the
-    paper's training value; ``capacity_factor``); rank-major priority with the tokens ordered
-    by their top-1 weight, descending (Batch Prioritized Routing, ``batch_priority``; the
-    paper's configs train without it and use it at inference); experts are ViT MLPs,
-    Dense-GELU-Dense with biases and Flax's default tanh GELU (``nn.gelu``). The paper's
-    auxiliary losses, the importance loss (CV$^2$ of the per-expert sums of the clean
-    probabilities) and V-MoE's load loss (with the fixed noise std), each weighted 0.005, are
-    not losses of the layer (and differ from Shazeer's: no softplus noise network); the layer's
-    Switch-style losses are reported with coefficient 0.
+    ``rounding="ceil"``, ``k_factor="inside"``, ``multiple_of=4``; ``ceil(S * k * c / E)`` in
+    Python floats: ``arithmetic="python_float"``) with $c = 1.05$ (the paper's training value;
+    ``capacity_factor``); rank-major priority with the tokens ordered by their top-1 weight,
+    descending (Batch Prioritized Routing, ``batch_priority``; the paper's configs train
+    without it and use it at inference); experts are ViT MLPs, Dense-GELU-Dense with biases and
+    Flax's default tanh GELU (``nn.gelu``). The layer computes V-MoE's two auxiliary losses per
+    routing group and averages them, differentiated with the draws held fixed: the importance
+    loss, $\mathrm{CV}^2$ of the per-expert sums of the **clean** softmax probabilities
+    (``importance_loss="vmoe"``), and the load loss, $\mathrm{CV}^2$ of the mean probability
+    that each expert beats the $k$-th largest noisy logit under the fixed noise std $\sigma/E$
+    (``load_loss="vmoe"``; only with noise, as in V-MoE), each weighted 0.005
+    (``importance_loss_weight``, ``load_loss_weight`` of ``vmoe/configs/vmoe_paper/common.py``).
+    The Switch-style losses are reported with coefficient 0.
 
     Source: google-research/vmoe at commit ``fc7b61a6``: ``vmoe/nn/routing.py``
     (``NoisyTopExpertsPerItemRouter``), ``vmoe/moe.py`` (``compute_capacity``,
@@ -925,7 +982,9 @@ def vmoe(
     batch_priority : bool
         Batch Prioritized Routing; False: token order.
     noise_std : float
-        $\sigma$; 0 for the deterministic router.
+        $\sigma$; 0 for the deterministic router (then no load loss).
+    importance_loss_weight, load_loss_weight : float
+        The two losses' coefficients (V-MoE's names).
 
     Examples
     --------
@@ -938,17 +997,26 @@ def vmoe(
     check_positive_int(k, "k")
     if not isinstance(batch_priority, bool):
         raise TypeError(f"batch_priority must be a bool, got {batch_priority!r}")
+    importance_loss_weight = _check_coef(importance_loss_weight, "importance_loss_weight")
+    load_loss_weight = _check_coef(load_loss_weight, "load_loss_weight")
+    router = RouterOptions(k=k, score="softmax", normalize="none", logit_noise_std=noise_std)
+    noisy = router.logit_noise_std > 0
     return SparseMoEOptions(
-        router=RouterOptions(k=k, score="softmax", normalize="none", logit_noise_std=noise_std),
+        router=router,
         capacity=CapacityOptions(
             capacity_factor=capacity_factor,
             rounding="ceil",
             k_factor="inside",
             multiple_of=4,
+            arithmetic="python_float",
             group_size=group_size,
             priority="batch_prioritized" if batch_priority else "rank_major",
         ),
         ffn=GELU_TANH_FFN,
+        importance_loss="vmoe",
+        importance_loss_coef=importance_loss_weight,
+        load_loss="vmoe" if noisy else None,
+        load_loss_coef=load_loss_weight if noisy else 0.0,
     )
 
 
@@ -1065,7 +1133,8 @@ def _noise(o: SparseMoEOptions) -> str:
     r = o.router
     parts = []
     if r.noisy_top_k:
-        parts.append("noisy top-k: N(0,1)·softplus(x W_noise)")
+        floor = f" + {_show(r.noise_epsilon)}" if r.noise_epsilon > 0 else ""
+        parts.append(f"noisy top-k: N(0,1)·(softplus(x W_noise){floor})")
     if r.input_jitter > 0:
         where = "router and experts" if r.jitter_experts else "router only"
         parts.append(f"input jitter ε = {_show(r.input_jitter)} ({where})")
@@ -1101,6 +1170,8 @@ def _capacity_rule(o: SparseMoEOptions) -> str:
         text += f", multiple of {_show(c.multiple_of)}"
     if c.zero_capacity_means_dropless:
         text += ", 0 means dropless"
+    if c.arithmetic != "exact":
+        text += f", in {_show(c.arithmetic)} arithmetic"
     return text
 
 
@@ -1109,7 +1180,28 @@ def _routing_group(o: SparseMoEOptions) -> str:
 
 
 def _priority(o: SparseMoEOptions) -> str:
-    return "n/a (dropless)" if o.capacity.dropless else _show(o.capacity.priority)
+    c = o.capacity
+    if c.dropless:
+        return "n/a (dropless)"
+    text = _show(c.priority)
+    if c.priority in ("batch_prioritized", "score"):
+        text += f" by {_show(c.priority_values)}"
+    if c.dropped_routes_take_slots:
+        text += "; routes dropped before capacity keep their slots"
+    return text
+
+
+def _gate_losses(o: SparseMoEOptions) -> str:
+    parts = []
+    for name, kind, coef in (("importance", o.importance_loss, o.importance_loss_coef), ("load", o.load_loss, o.load_loss_coef)):
+        if kind is not None:
+            parts.append(f"{name} {_show(kind)} × {_show(coef)}")
+    if not parts:
+        return "none"
+    sh = o.shazeer_loss
+    if sh is not None:
+        parts.append(f"CV² {_show(sh.variance)} variance, ε = {_show(sh.epsilon)}, n + {_show(sh.size_epsilon)}")
+    return "; ".join(parts)
 
 
 def _ffn(o: SparseMoEOptions) -> str:
@@ -1149,7 +1241,11 @@ _SUMMARY: tuple[tuple[str, tuple[str, ...], Callable[[SparseMoEOptions], str]], 
         tuple(_R + n for n in ("normalize", "normalize_eps", "normalize_p", "normalize_after_capacity", "routed_scaling_factor")),
         _normalisation,
     ),
-    ("noise (explicit draws)", tuple(_R + n for n in ("noisy_top_k", "input_jitter", "jitter_experts", "logit_noise_std", "gumbel")), _noise),
+    (
+        "noise (explicit draws)",
+        tuple(_R + n for n in ("noisy_top_k", "noise_epsilon", "input_jitter", "jitter_experts", "logit_noise_std", "gumbel")),
+        _noise,
+    ),
     ("second-expert policy", (_R + "second_expert_policy", _R + "second_expert_threshold"), _second_expert),
     (
         "capacity",
@@ -1165,12 +1261,13 @@ _SUMMARY: tuple[tuple[str, tuple[str, ...], Callable[[SparseMoEOptions], str]], 
                 "multiple_of",
                 "clip_to_group_size",
                 "zero_capacity_means_dropless",
+                "arithmetic",
             )
         ),
         _capacity_rule,
     ),
     ("routing group", (_C + "group_size",), _routing_group),
-    ("drop priority", (_C + "priority",), _priority),
+    ("drop priority", tuple(_C + n for n in ("priority", "priority_values", "dropped_routes_take_slots")), _priority),
     ("expert FFN", tuple(_F + n for n in ("activation", "gated", "gate_up_layout", "swish_beta", "clamp_limit", "up_offset")), _ffn),
     ("weight applied to", ("apply_weight_to",), lambda o: _show(o.apply_weight_to)),
     (
@@ -1179,6 +1276,12 @@ _SUMMARY: tuple[tuple[str, tuple[str, ...], Callable[[SparseMoEOptions], str]], 
         _balancing,
     ),
     ("router z-loss", ("z_loss_coef",), _z_loss),
+    (
+        "importance and load losses",
+        ("importance_loss", "importance_loss_coef", "load_loss", "load_loss_coef", "shazeer_loss")
+        + tuple("shazeer_loss." + n for n in ("variance", "epsilon", "size_epsilon", "noise_epsilon")),
+        _gate_losses,
+    ),
 )
 
 _DISPLAY_NAMES = {

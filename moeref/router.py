@@ -206,6 +206,12 @@ class RouterOptions:
         \operatorname{softplus}(x W_\text{noise})$, used for selection and weights; needs
         ``params.noise_weight`` and ``draws.noise``. Pair with ``score="topk_softmax"`` for
         their eq. (3)-(5).
+    noise_epsilon : float
+        A floor $\epsilon \ge 0$ added to the noisy top-$k$ gate's noise scale,
+        $H = z + \mathcal N(0,1)\cdot(\operatorname{softplus}(x W_\text{noise}) + \epsilon)$:
+        0 in the paper's eq. (4) (the default); ``1e-2`` in tensorflow/tensor2tensor
+        ``tensor2tensor/utils/expert_utils.py`` (``noisy_top_k_gating(..., noise_epsilon=1e-2)``)
+        and in davidmrau/mixture-of-experts ``moe.py``. Needs ``noisy_top_k`` when positive.
     input_jitter : float
         $\varepsilon$ of multiplicative input jitter $\tilde x = x \odot u$,
         $u \in [1-\varepsilon, 1+\varepsilon]$ (``draws.jitter``): Switch / flaxformer
@@ -254,6 +260,7 @@ class RouterOptions:
     routed_scaling_factor: float = 1.0
     normalize_after_capacity: bool = False
     noisy_top_k: bool = False
+    noise_epsilon: float = 0.0
     input_jitter: float = 0.0
     jitter_experts: bool = False
     logit_noise_std: float = 0.0
@@ -283,6 +290,9 @@ class RouterOptions:
         _check_eps(self.normalize, self.normalize_eps, "options.normalize_eps")
         _check_p(self.normalize_p, "options.normalize_p")
         _check_finite_number(self.routed_scaling_factor, "options.routed_scaling_factor")
+        _check_nonnegative(self.noise_epsilon, "options.noise_epsilon")
+        if self.noise_epsilon > 0 and not self.noisy_top_k:
+            raise ValueError(f"options.noise_epsilon={self.noise_epsilon!r} is the noise floor of the noisy top-k gate and needs options.noisy_top_k=True")
         _check_nonnegative(self.input_jitter, "options.input_jitter")
         if self.input_jitter >= 1:
             raise ValueError(f"options.input_jitter must be below 1 (factors in [1 - eps, 1 + eps] stay positive), got {self.input_jitter!r}")
@@ -692,7 +702,7 @@ def _forward(x: Any, params: RouterParams, options: RouterOptions, draws: Router
     noise_pre = None
     if options.noisy_top_k:
         noise_pre = xp.matmul(x_r, params.noise_weight)  # (T, E)
-        noisy = noisy + draws.noise * softplus(noise_pre)
+        noisy = noisy + draws.noise * (softplus(noise_pre) + options.noise_epsilon)  # eq. (4), t2t's floor
     if options.logit_noise_std > 0:
         noisy = noisy + (options.logit_noise_std / E) * draws.logit_noise
     if options.gumbel == "selection_and_weights":
@@ -763,7 +773,7 @@ def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions()
     With $\tilde x_t = x_t \odot u_t$ (input jitter, $u_t = 1$ without it):
 
     $$z_t = \tilde x_t W_r + b_r, \qquad
-    \tilde z_t = z_t + n_t \odot \operatorname{softplus}(\tilde x_t W_\text{noise})
+    \tilde z_t = z_t + n_t \odot \big(\operatorname{softplus}(\tilde x_t W_\text{noise}) + \epsilon\big)
     + \tfrac{\sigma}{E}\,\nu_t \;\big(+\, G_t\big),$$
 
     $$s_t = \phi(\tilde z_t), \qquad
@@ -772,7 +782,8 @@ def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions()
 
     $$g_{tj} = s_{t, e_{tj}}, \qquad w_{tj} = \rho \cdot \operatorname{normalize}(g_t)_j \cdot m_{tj},$$
 
-    where the noise terms are present only when their option is on, $\beta$ is the
+    where the noise terms are present only when their option is on ($\epsilon$ is
+    ``noise_epsilon``), $\beta$ is the
     selection-only bias, $\rho$ the routed scaling factor and $m_{tj}$ the second-expert
     policy's keep flag. For the ``topk_*`` score functions
     $g_t = \operatorname{softmax}(\tilde z_{t,\mathcal E_t})$ or $\sigma(\tilde z_{t,\mathcal E_t})$.

@@ -11,7 +11,9 @@ y_t = \sum_{j=0}^{k-1} m_{tj}\, w_{tj}\, \mathrm{FFN}_{e_{tj}}(x_t)$$
 
 (eq. (1) of Shazeer et al. 2017, arXiv:1701.06538; eq. (2) of Fedus, Zoph & Shazeer 2022,
 "Switch Transformers", JMLR 23(120), arXiv:2101.03961), together with the auxiliary losses
-$\mathcal L_\text{aux} = \alpha\, \mathcal L_\text{balance}(z, e) + \beta\, \mathcal L_z(z)$.
+$\mathcal L_\text{aux} = \alpha\, \mathcal L_\text{balance}(z, e) + \beta\, \mathcal L_z(z)$
+(plus, as options, DeepSeek-V3's sequence-wise balance loss and the importance and load losses
+of Shazeer et al. 2017 and V-MoE, computed from the router's own noise draws).
 Each step is one of moeref's building blocks, so every convention is an explicit option there:
 [`route`][moeref.router.route] ([`RouterOptions`][moeref.router.RouterOptions]),
 [`apply_capacity`][moeref.capacity.apply_capacity]
@@ -40,15 +42,26 @@ from typing import Any, NamedTuple
 from .aux_losses import (
     SWITCH_TRANSFORMER,
     LoadBalancingLossOptions,
+    NoisyTopKDraws,
     SequenceBalanceLossOptions,
+    ShazeerLossOptions,
+    importance_loss,
+    importance_loss_vjp,
     load_balancing_loss,
     load_balancing_loss_vjp,
+    load_loss,
+    load_loss_vjp,
     router_z_loss,
     router_z_loss_vjp,
     sequence_balance_loss,
     sequence_balance_loss_vjp,
+    vmoe_importance_loss,
+    vmoe_importance_loss_vjp,
+    vmoe_load_loss,
+    vmoe_load_loss_vjp,
 )
 from .capacity import CapacityDraws, CapacityOptions, apply_capacity
+from .core import device_of, take_along_axis
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, check_expert_ffn_params
 from .router import (
@@ -75,9 +88,12 @@ __all__ = [
     "SparseMoEGrads",
     "sparse_moe_layer",
     "sparse_moe_layer_vjp",
+    "GATE_LOSSES",
 ]
 
 _APPLY_WEIGHT_TO = ("output", "input")
+GATE_LOSSES = ("shazeer2017", "vmoe")
+"""Kinds of the importance and load losses (``SparseMoEOptions.importance_loss`` / ``load_loss``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +167,51 @@ class SparseMoEOptions:
     sequence_balance_coef : float
         Its $\alpha$ (DeepSeek-V3 Technical Report, Sec. 4.2: $10^{-4}$); needs
         ``sequence_balance``.
+    importance_loss : {None, "shazeer2017", "vmoe"}
+        The importance loss, $\mathrm{CV}^2$ of the per-expert sums of the gates (None, the
+        default: not computed):
+
+        * ``"shazeer2017"``: Shazeer et al. (2017), Appendix A, eqs. (6)-(7), on the noisy
+          top-$k$ softmax gates $G = \operatorname{softmax}(\operatorname{KeepTopK}(H, k))$ of the
+          router's noisy logits $H$ (the clean ones without ``router.noisy_top_k``), over all $T$
+          tokens ([`importance_loss`][moeref.aux_losses.importance_loss], with the conventions
+          of ``shazeer_loss``); tensorflow/tensor2tensor ``expert_utils.py``
+          (``cv_squared(importance)``);
+        * ``"vmoe"``: Riquelme et al. (2021), Appendix A, on the **clean** softmax over all
+          $E$, per routing group (``capacity.group_size``) and averaged
+          ([`vmoe_importance_loss`][moeref.aux_losses.vmoe_importance_loss]); google-research/vmoe
+          ``vmoe/nn/routing.py`` ``NoisyTopExpertsPerItemRouter``.
+    importance_loss_coef : float
+        Its weight in ``aux_loss`` ($w_\text{importance}$; tensor2tensor ``local_moe``
+        ``loss_coef=1e-2``; V-MoE ``importance_loss_weight``, 0.005 in
+        ``vmoe/configs/vmoe_paper/common.py``). Needs ``importance_loss``.
+    load_loss : {None, "shazeer2017", "vmoe"}
+        The load loss, $\mathrm{CV}^2$ of a smooth estimate of the per-expert token counts
+        under the router's noise (None, the default: not computed):
+
+        * ``"shazeer2017"``: Shazeer et al. (2017), Appendix A, eqs. (8)-(11), the normal CDF of
+          the margin to the $k$-th largest noisy logit excluding the expert itself, with the
+          softplus noise scale ([`load_loss`][moeref.aux_losses.load_loss]); needs
+          ``router.noisy_top_k`` (its draws ``RouterDraws.noise``) and $k < E$;
+        * ``"vmoe"``: Riquelme et al. (2021), Appendix A, the normal CDF of the margin to the
+          $k$-th largest noisy logit with V-MoE's fixed noise std $\sigma/E$
+          ([`vmoe_load_loss`][moeref.aux_losses.vmoe_load_loss]); needs
+          ``router.logit_noise_std > 0`` (its draws ``RouterDraws.logit_noise``); per routing
+          group and averaged.
+
+        The noise draws are explicit (the router's), so the loss is a deterministic function of
+        the logits and is differentiated in the layer VJP with the draws held fixed.
+    load_loss_coef : float
+        Its weight ($w_\text{load}$; tensor2tensor ``loss_coef=1e-2``; V-MoE
+        ``load_loss_weight``, 0.005). Needs ``load_loss``.
+    shazeer_loss : ShazeerLossOptions or None
+        The $\mathrm{CV}^2$ conventions (variance, epsilons) of the ``"shazeer2017"`` losses
+        ([`SHAZEER_TENSOR2TENSOR`][moeref.aux_losses.SHAZEER_TENSOR2TENSOR],
+        [`SHAZEER_RAU`][moeref.aux_losses.SHAZEER_RAU],
+        [`SHAZEER_PAPER`][moeref.aux_losses.SHAZEER_PAPER]); required exactly when one of them
+        is ``"shazeer2017"``. Its ``noise_epsilon`` must equal ``router.noise_epsilon`` when the
+        router is noisy (both are the noise floor). The ``"vmoe"`` losses have no such knobs
+        (population variance, no epsilons).
     """
 
     router: RouterOptions = field(default_factory=RouterOptions)
@@ -163,6 +224,11 @@ class SparseMoEOptions:
     shared: SharedExpertOptions | None = None
     sequence_balance: SequenceBalanceLossOptions | None = None
     sequence_balance_coef: float = 0.0
+    importance_loss: str | None = None
+    importance_loss_coef: float = 0.0
+    load_loss: str | None = None
+    load_loss_coef: float = 0.0
+    shazeer_loss: ShazeerLossOptions | None = None
 
     def __post_init__(self) -> None:
         check_record_type(self.router, "options.router", RouterOptions)
@@ -174,12 +240,40 @@ class SparseMoEOptions:
             check_record_type(self.shared, "options.shared", SharedExpertOptions)
         if self.sequence_balance is not None:
             check_record_type(self.sequence_balance, "options.sequence_balance", SequenceBalanceLossOptions)
-        for name in ("load_balancing_coef", "z_loss_coef", "sequence_balance_coef"):
+        for name in ("load_balancing_coef", "z_loss_coef", "sequence_balance_coef", "importance_loss_coef", "load_loss_coef"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"options.{name} must be a finite number >= 0, got {v!r}")
         if self.sequence_balance_coef != 0 and self.sequence_balance is None:
             raise ValueError("options.sequence_balance_coef needs options.sequence_balance (a SequenceBalanceLossOptions)")
+        self._check_gate_losses()
+
+    def _check_gate_losses(self) -> None:
+        """The importance / load loss fields: known kinds, the router noise they need, their CV^2 options."""
+        for name in ("importance_loss", "load_loss"):
+            kind = getattr(self, name)
+            if kind is not None:
+                check_choice(kind, f"options.{name}", GATE_LOSSES)
+            elif getattr(self, name + "_coef") != 0:
+                raise ValueError(f"options.{name}_coef needs options.{name} ('shazeer2017' or 'vmoe')")
+        r = self.router
+        if self.load_loss == "shazeer2017" and not r.noisy_top_k:
+            raise ValueError("options.load_loss='shazeer2017' needs options.router.noisy_top_k=True (the smooth load of the softplus noise)")
+        if self.load_loss == "vmoe" and not r.logit_noise_std > 0:
+            raise ValueError("options.load_loss='vmoe' needs options.router.logit_noise_std > 0 (V-MoE's load loss is defined by the noise)")
+        uses_shazeer = "shazeer2017" in (self.importance_loss, self.load_loss)
+        if uses_shazeer != (self.shazeer_loss is not None):
+            raise ValueError(
+                "options.shazeer_loss (a ShazeerLossOptions, e.g. SHAZEER_TENSOR2TENSOR) must be given exactly when "
+                f"options.importance_loss or options.load_loss is 'shazeer2017' (they are {self.importance_loss!r}, {self.load_loss!r})"
+            )
+        if self.shazeer_loss is not None:
+            check_record_type(self.shazeer_loss, "options.shazeer_loss", ShazeerLossOptions)
+            if r.noisy_top_k and self.shazeer_loss.noise_epsilon != r.noise_epsilon:
+                raise ValueError(
+                    f"options.shazeer_loss.noise_epsilon={self.shazeer_loss.noise_epsilon!r} must equal "
+                    f"options.router.noise_epsilon={r.noise_epsilon!r}: both are the floor of the router's noise scale"
+                )
 
     @property
     def normalize_after_capacity(self) -> bool:
@@ -226,7 +320,8 @@ class SparseMoEOutput(NamedTuple):
         $\\mathcal L_z$ (unweighted).
     aux_loss : array, shape ()
         $\\alpha\\,\\mathcal L_\\text{balance} + \\beta\\,\\mathcal L_z$, plus the sequence-wise
-        balance loss and the CMR budget loss times their coefficients when those are on.
+        balance loss, the CMR budget loss and the importance and load losses times their
+        coefficients when those are on.
     sequence_balance_loss : array, shape (), or None
         DeepSeek-V3's sequence-wise balance loss (unweighted), when ``options.sequence_balance``.
     routed_y : array, shape (T, d)
@@ -235,6 +330,10 @@ class SparseMoEOutput(NamedTuple):
         The shared experts' output, gate and budget loss, when ``options.shared``.
     router : RouterOutput
         The router's full output (routes before capacity, router input); the VJP reuses it.
+    importance_loss : array, shape (), or None
+        The importance loss (unweighted) of ``options.importance_loss``, when set.
+    load_loss : array, shape (), or None
+        The load loss (unweighted) of ``options.load_loss``, when set.
     """
 
     y: Any
@@ -251,16 +350,20 @@ class SparseMoEOutput(NamedTuple):
     routed_y: Any = None
     shared: SharedExpertOutput | None = None
     router: RouterOutput | None = None
+    importance_loss: Any = None
+    load_loss: Any = None
 
 
 class SparseMoEAuxCotangents(NamedTuple):
     """Cotangents of the unweighted auxiliary losses (Python floats or 0-d arrays): balancing,
-    z-loss, DeepSeek-V3 sequence-wise balance, NLLB CMR budget."""
+    z-loss, DeepSeek-V3 sequence-wise balance, NLLB CMR budget, importance, load."""
 
     load_balancing: Any = 0.0
     z_loss: Any = 0.0
     sequence_balance: Any = 0.0
     shared_budget: Any = 0.0
+    importance: Any = 0.0
+    load: Any = 0.0
 
 
 class SparseMoEGrads(NamedTuple):
@@ -309,13 +412,27 @@ def _check(x: Any, params: Any, options: Any, draws: Any) -> tuple[Any, SparseMo
     E = params.router.weight.shape[1]
     if E_ffn != E:
         raise ValueError(f"params.experts has E={E_ffn} experts but params.router.weight has E={E} columns (shape (d, E))")
+    if options.load_loss == "shazeer2017" and options.router.k >= E:
+        raise ValueError(
+            f"options.load_loss='shazeer2017' needs options.router.k < E (the smooth load compares with the (k+1)-th "
+            f"largest noisy logit), got k={options.router.k}, E={E}"
+        )
     return xp, draws
+
+
+def _capacity_priority(r: RouterOutput, capacity: CapacityOptions) -> Any:
+    """The router's scores of the routes when ``capacity.priority_values="router_scores"`` needs them, else None."""
+    if capacity.priority_values != "router_scores" or capacity.priority not in ("batch_prioritized", "score"):
+        return None
+    scores = take_along_axis(r.scores, r.routes.expert_index, axis=-1)  # (T, k) before normalisation
+    return scores[:, 0] if capacity.priority == "batch_prioritized" else scores
 
 
 def _forward(x: Any, params: SparseMoEParams, options: SparseMoEOptions, draws: SparseMoEDraws) -> _Forward:
     E = params.router.weight.shape[1]
     r = route(x, params.router, options.router, draws.router)  # routes (T, k); logits (T, E)
-    routes, report = apply_capacity(r.routes, E, options.capacity, draws=draws.capacity)  # (T, k)
+    priority = _capacity_priority(r, options.capacity)
+    routes, report = apply_capacity(r.routes, E, options.capacity, priority=priority, draws=draws.capacity)  # (T, k)
     if options.normalize_after_capacity:
         routes = renormalize_routes(routes, options.router)  # (T, k)
     return _Forward(r, routes, report)
@@ -340,8 +457,10 @@ def sparse_moe_layer(
     output is $a_t\, y_t + b_t \sum_s \mathrm{FFN}^\text{shared}_s(x_t)$
     ([`combine_shared_experts`][moeref.shared_experts.combine_shared_experts]); with
     ``options.sequence_balance`` the aux loss adds $\alpha_\text{seq}$ times DeepSeek-V3's
-    sequence-wise balance loss (DeepSeek-AI 2024, arXiv:2412.19437, eqs. (17)-(20)), and with an
-    NLLB CMR budget its budget loss.
+    sequence-wise balance loss (DeepSeek-AI 2024, arXiv:2412.19437, eqs. (17)-(20)), with an
+    NLLB CMR budget its budget loss, and with ``options.importance_loss`` / ``options.load_loss``
+    the importance and load losses of Shazeer et al. (2017), Appendix A, or of Riquelme et al.
+    (2021), arXiv:2106.05974, Appendix A, times their coefficients.
 
     Parameters
     ----------
@@ -406,10 +525,76 @@ def sparse_moe_layer(
         aux = aux + options.sequence_balance_coef * seq
     if shared is not None and shared.budget_loss is not None:
         aux = aux + options.shared.budget_loss_coef * shared.budget_loss
+    imp, load = _gate_losses(r, params.router, options, draws.router, xp)
+    if imp is not None:
+        aux = aux + options.importance_loss_coef * imp
+    if load is not None:
+        aux = aux + options.load_loss_coef * load
     return SparseMoEOutput(
         y, r.logits, r.scores, f.routes, f.report.counts_before, f.report.counts_after, f.report.capacity, lb, z, aux,
-        sequence_balance_loss=seq, routed_y=routed, shared=shared, router=r,
+        sequence_balance_loss=seq, routed_y=routed, shared=shared, router=r, importance_loss=imp, load_loss=load,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Importance and load losses (Shazeer et al. 2017, V-MoE)
+# --------------------------------------------------------------------------------------------
+
+
+def _shazeer_inputs(r: RouterOutput, rp: RouterParams, options: SparseMoEOptions, rdraws: Any, xp: Any) -> tuple[Any, NoisyTopKDraws]:
+    """``(x~ W_noise, draws)`` of the noisy gate; zeros for a router without noise (then H = z)."""
+    if options.router.noisy_top_k:
+        return xp.matmul(r.router_input, rp.noise_weight), NoisyTopKDraws(rdraws.noise)  # (T, E)
+    zeros = xp.zeros(r.logits.shape, dtype=r.logits.dtype, device=device_of(r.logits))
+    return zeros, NoisyTopKDraws(zeros)
+
+
+def _vmoe_inputs(r: RouterOutput, options: SparseMoEOptions, rdraws: Any) -> tuple[NoisyTopKDraws, float, int | None]:
+    """``(draws, noise std sigma / E, group size)`` of V-MoE's load loss."""
+    E = r.logits.shape[1]
+    return NoisyTopKDraws(rdraws.logit_noise), options.router.logit_noise_std / E, options.capacity.group_size
+
+
+def _gate_losses(r: RouterOutput, rp: RouterParams, options: SparseMoEOptions, rdraws: Any, xp: Any) -> tuple[Any, Any]:
+    """``(importance loss or None, load loss or None)`` of ``options.importance_loss`` / ``load_loss``."""
+    k, imp, load = options.router.k, None, None
+    if "shazeer2017" in (options.importance_loss, options.load_loss):
+        noise_logits, nd = _shazeer_inputs(r, rp, options, rdraws, xp)
+        if options.importance_loss == "shazeer2017":
+            imp = importance_loss(r.logits, noise_logits, nd, k, options=options.shazeer_loss)
+        if options.load_loss == "shazeer2017":
+            load = load_loss(r.logits, noise_logits, nd, k, options=options.shazeer_loss)
+    if options.importance_loss == "vmoe":
+        imp = vmoe_importance_loss(r.logits, group_size=options.capacity.group_size)
+    if options.load_loss == "vmoe":
+        nd, std, group = _vmoe_inputs(r, options, rdraws)
+        load = vmoe_load_loss(r.logits, nd, k, noise_std=std, group_size=group)
+    return imp, load
+
+
+def _gate_losses_vjp(
+    r: RouterOutput, rp: RouterParams, options: SparseMoEOptions, rdraws: Any, aux: Any, xp: Any
+) -> tuple[Any, Any]:
+    """``(z_bar, h_bar)``: cotangents of the logits and of ``x~ W_noise`` from the importance and load losses (None if none)."""
+    k, z_bar, h_bar = options.router.k, None, None
+
+    def add(a: Any, b: Any) -> Any:
+        return b if a is None else a + b
+
+    if "shazeer2017" in (options.importance_loss, options.load_loss):
+        noise_logits, nd = _shazeer_inputs(r, rp, options, rdraws, xp)
+        for kind, ct, vjp in (("importance_loss", aux.importance, importance_loss_vjp), ("load_loss", aux.load, load_loss_vjp)):
+            if getattr(options, kind) == "shazeer2017" and not _is_zero(ct):
+                g = vjp(r.logits, noise_logits, nd, k, ct, options=options.shazeer_loss)
+                z_bar = add(z_bar, g.clean_logits)
+                if options.router.noisy_top_k:
+                    h_bar = add(h_bar, g.noise_logits)
+    if options.importance_loss == "vmoe" and not _is_zero(aux.importance):
+        z_bar = add(z_bar, vmoe_importance_loss_vjp(r.logits, aux.importance, group_size=options.capacity.group_size).logits)
+    if options.load_loss == "vmoe" and not _is_zero(aux.load):
+        nd, std, group = _vmoe_inputs(r, options, rdraws)
+        z_bar = add(z_bar, vmoe_load_loss_vjp(r.logits, nd, k, aux.load, noise_std=std, group_size=group).logits)
+    return z_bar, h_bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +630,11 @@ def sparse_moe_layer_vjp(
        [`route_weights_vjp`][moeref.router.route_weights_vjp]$(\bar g)$, given the forward's
        router output (no second top-$k$);
     4. auxiliary losses: $\bar z^{\text{aux}} = \bar{\mathcal L}_\text{balance}\,\partial_z \mathcal L_\text{balance}
-       + \bar{\mathcal L}_z\,\partial_z \mathcal L_z + \bar{\mathcal L}_\text{seq}\,\partial_z \mathcal L_\text{seq}$
-       (their VJPs), chained through $z = \tilde x W_r + b_r$, $\tilde x = x \odot u$:
+       + \bar{\mathcal L}_z\,\partial_z \mathcal L_z + \bar{\mathcal L}_\text{seq}\,\partial_z \mathcal L_\text{seq}
+       + \bar{\mathcal L}_\text{imp}\,\partial_z \mathcal L_\text{imp} + \bar{\mathcal L}_\text{load}\,\partial_z \mathcal L_\text{load}$
+       (their VJPs, the noise draws held fixed), chained through $z = \tilde x W_r + b_r$,
+       $\tilde x = x \odot u$; Shazeer's losses also depend on $h = \tilde x W_\text{noise}$:
+       $\bar W_\text{noise} \mathrel{+}= \tilde x^\top \bar h$, $\bar x \mathrel{+}= (\bar h W_\text{noise}^\top) \odot u$;
 
     $$\bar W_r \mathrel{+}= \tilde x^\top \bar z^{\text{aux}}, \quad
     \bar b_r \mathrel{+}= \textstyle\sum_t \bar z^{\text{aux}}_t, \quad
@@ -462,9 +650,10 @@ def sparse_moe_layer_vjp(
     cotangent_y : array, shape (T, d)
         $\bar y$.
     aux_cotangents : SparseMoEAuxCotangents, optional
-        $\bar{\mathcal L}$ of the balancing loss, the z-loss, the sequence-wise balance loss and the
-        CMR budget loss. Default: their coefficients in ``options``, i.e. the gradient of the
-        training objective $\langle \bar y, y\rangle + \mathcal L_\text{aux}$.
+        $\bar{\mathcal L}$ of the balancing loss, the z-loss, the sequence-wise balance loss, the
+        CMR budget loss and the importance and load losses. Default: their coefficients in
+        ``options``, i.e. the gradient of the training objective
+        $\langle \bar y, y\rangle + \mathcal L_\text{aux}$.
     output : SparseMoEOutput, optional
         The forward's output for these inputs. Its router output, routes after capacity and
         routed output are reused: the VJP then runs no top-$k$ and no capacity pass, so at a tie
@@ -516,15 +705,23 @@ def sparse_moe_layer_vjp(
     x_bar = x_bar + rg.x
     W_bar, b_bar = rg.params.weight, rg.params.bias
 
-    # 4. auxiliary losses through z = x~ W + b
+    # 4. auxiliary losses through z = x~ W + b (and the importance / load losses through x~ W_noise)
     z_bar = _aux_logits_cotangent(r.logits, routes, options, aux_cotangents, xp)  # (T, E) or None
+    gate_z_bar, h_bar = _gate_losses_vjp(r, rp, options, rdraws, aux_cotangents, xp)
+    if gate_z_bar is not None:
+        z_bar = gate_z_bar if z_bar is None else z_bar + gate_z_bar
+    noise_weight_bar = rg.params.noise_weight
+    if h_bar is not None:
+        noise_weight_bar = noise_weight_bar + xp.matmul(xp.matrix_transpose(r.router_input), h_bar)  # (d, E)
+        xh_bar = xp.matmul(h_bar, xp.matrix_transpose(rp.noise_weight))  # (T, d)
+        x_bar = x_bar + (xh_bar if rdraws.jitter is None else xh_bar * rdraws.jitter)
     if z_bar is not None:
         W_bar = W_bar + xp.matmul(xp.matrix_transpose(r.router_input), z_bar)  # (d, E)
         if b_bar is not None:
             b_bar = b_bar + xp.sum(z_bar, axis=0)  # (E,)
         xr_bar = xp.matmul(z_bar, xp.matrix_transpose(rp.weight))  # (T, d)
         x_bar = x_bar + (xr_bar if rdraws.jitter is None else xr_bar * rdraws.jitter)
-    router_grads = rg.params._replace(weight=W_bar, bias=b_bar)
+    router_grads = rg.params._replace(weight=W_bar, bias=b_bar, noise_weight=noise_weight_bar)
     return SparseMoEGrads(x=x_bar, params=SparseMoEParams(router=router_grads, experts=dg.experts, shared=shared_grads))
 
 
@@ -536,8 +733,14 @@ def _aux_cotangents(options: SparseMoEOptions, aux: SparseMoEAuxCotangents | Non
     """The given cotangents, checked against the losses the options compute; default: the coefficients."""
     budget_coef = 0.0 if options.shared is None else options.shared.budget_loss_coef
     if aux is None:
-        return SparseMoEAuxCotangents(options.load_balancing_coef, options.z_loss_coef, options.sequence_balance_coef, budget_coef)
+        return SparseMoEAuxCotangents(
+            options.load_balancing_coef, options.z_loss_coef, options.sequence_balance_coef, budget_coef,
+            options.importance_loss_coef, options.load_loss_coef,
+        )
     check_record_type(aux, "aux_cotangents", SparseMoEAuxCotangents)
+    for name, kind in (("importance", options.importance_loss), ("load", options.load_loss)):
+        if kind is None and not _is_zero(getattr(aux, name)):
+            raise ValueError(f"aux_cotangents.{name} is nonzero but options.{name}_loss is None (the loss is not computed)")
     if options.sequence_balance is None and not _is_zero(aux.sequence_balance):
         raise ValueError("aux_cotangents.sequence_balance is nonzero but options.sequence_balance is None (the loss is not computed)")
     if (options.shared is None or options.shared.budget is None) and not _is_zero(aux.shared_budget):

@@ -109,6 +109,23 @@ def _direct_noisy(clean, noise, eps, k, noise_epsilon=1e-2):
     return gates, prob
 
 
+def _direct_vmoe(z, eps, k, sigma, group_size):
+    """google-research/vmoe routing.py, transliterated: per group, population var / mean^2."""
+    imp_losses, load_losses = [], []
+    for g in range(z.shape[0] // group_size):
+        zg, eg = z[g * group_size : (g + 1) * group_size], eps[g * group_size : (g + 1) * group_size]
+        gates = np.exp(zg - zg.max(1, keepdims=True))
+        gates /= gates.sum(1, keepdims=True)
+        importance = gates.sum(0)
+        imp_losses.append(np.var(importance) / np.mean(importance) ** 2)
+        noisy = zg + sigma * eg
+        threshold = -np.sort(-noisy, axis=1)[:, k - 1]  # the k-th largest noisy logit
+        p = 1.0 - norm.cdf((threshold[:, None] - zg) / sigma)
+        p_mean = p.mean(0)
+        load_losses.append(np.var(p_mean) / np.mean(p_mean) ** 2)
+    return np.mean(imp_losses), np.mean(load_losses)
+
+
 # --------------------------------------------------------------------------------------------
 # Every backend: one shared set of shapes
 # --------------------------------------------------------------------------------------------
@@ -160,6 +177,10 @@ def test_losses_and_vjps_agree_across_backends(backend, rng):
             al.multilayer_load_balancing_loss_vjp([z, z2], [idx, idx2], ct, options=switch).logits,
             al.router_z_loss(z, mask=mask),
             al.router_z_loss_vjp(z, ct).logits,
+            al.vmoe_importance_loss(z_off, group_size=4),
+            al.vmoe_importance_loss_vjp(z, ct, group_size=4).logits,
+            al.vmoe_load_loss(z, d, K, noise_std=0.3, group_size=4),
+            al.vmoe_load_loss_vjp(z, d, K, ct, noise_std=0.3, group_size=4).logits,
         )
 
     args = (z, u, eps, idx, mask, routes, z2, idx2, np.asarray(0.7), z_off, idx_off)
@@ -275,6 +296,27 @@ def test_importance_and_load_match_tensor2tensor_recipe(rng, options, k):
     np.testing.assert_allclose(al.load_loss(z, u, d, k, w_load=0.3, options=options), 0.3 * cv(prob.sum(0)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("k,group_size", [(1, None), (2, 4), (3, 2)])
+def test_vmoe_losses_match_vmoe_routing_py(rng, k, group_size):
+    z, eps = _logits(rng, 12, E), _logits(rng, 12, E)
+    want_imp, want_load = _direct_vmoe(z, eps, k, 0.25, group_size or 12)
+    d = NoisyTopKDraws(eps)
+    np.testing.assert_allclose(al.vmoe_importance_loss(z, group_size=group_size), want_imp, rtol=1e-12)
+    np.testing.assert_allclose(al.vmoe_load_loss(z, d, k, noise_std=0.25, group_size=group_size), want_load, rtol=1e-10)
+
+
+def test_vmoe_load_is_the_probability_of_beating_the_threshold_again(rng):
+    """p_ti = Pr over a fresh draw of expert i's noise that it beats the current k-th noisy logit (Monte Carlo)."""
+    z, eps, sigma, k = rng.normal(size=(1, 5)), rng.normal(size=(1, 5)), 0.7, 2
+    noisy = z + sigma * eps
+    kth = -np.sort(-noisy, axis=1)[0, k - 1]
+    draws = np.random.default_rng(2).normal(size=200_000)
+    mc = np.array([np.mean(z[0, i] + sigma * draws > kth) for i in range(5)])
+    # with one token the per-expert loads are the probabilities themselves: check them through CV^2
+    loss = float(al.vmoe_load_loss(z, NoisyTopKDraws(eps), k, noise_std=sigma))
+    assert abs(loss - np.var(mc) / np.mean(mc) ** 2) < 2e-2
+
+
 def test_smooth_load_is_the_probability_of_staying_in_the_top_k(rng):
     """P(x, i) = Pr over a fresh draw of expert i's noise only that H_i is in the top k (Monte Carlo)."""
     z, u, eps = rng.normal(size=(1, 5)), rng.normal(size=(1, 5)), rng.normal(size=(1, 5))
@@ -335,6 +377,29 @@ def test_importance_and_load_loss_vjp(rng, options, k):
     # not jax: its eager autograd compiles every op of core.normal_cdf's 200-term continued fraction
     # (~8 s of this file's 30 s budget; under jit, XLA takes longer still)
     assert_vjp_correct("load_loss", load, load_vjp, (z, u, d), ct, autograd=("torch",))
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_vmoe_loss_vjps(rng, group_size):
+    z, d = _logits(rng), NoisyTopKDraws(_logits(rng))  # the shapes of the backend test
+    ct = np.asarray(0.9)
+    first = group_size is None
+
+    def imp(c):
+        return al.vmoe_importance_loss(c, group_size=group_size)
+
+    def imp_vjp(c, g):
+        return al.vmoe_importance_loss_vjp(c, g, group_size=group_size)[:1]
+
+    def load(c, dr):
+        return al.vmoe_load_loss(c, dr, K, noise_std=0.4, group_size=group_size)
+
+    def load_vjp(c, dr, g):
+        return al.vmoe_load_loss_vjp(c, dr, K, g, noise_std=0.4, group_size=group_size)[:2]
+
+    assert_vjp_correct("vmoe_importance_loss", imp, imp_vjp, (z,), ct, autograd=("torch", "jax") if first else ("torch",))
+    # not jax, as for load_loss above (normal_cdf's continued fraction)
+    assert_vjp_correct("vmoe_load_loss", load, load_vjp, (z, d), ct, autograd=("torch",))
 
 
 @pytest.mark.parametrize("options", [SHAZEER_TENSOR2TENSOR, SHAZEER_RAU], ids=["t2t", "rau"])
@@ -570,6 +635,19 @@ def test_pooled_equals_averaged_for_identical_layers_property(t, e, data):
     np.testing.assert_allclose(pooled, averaged, rtol=1e-12)
 
 
+@given(st.integers(1, 4), st.integers(2, 5), st.floats(-30, 30), st.data())
+def test_vmoe_losses_are_invariant_to_a_per_token_shift_of_the_logits_property(t, e, c, data):
+    z = data.draw(hnp.arrays(np.float64, (t, e), elements=_finite))
+    eps = data.draw(hnp.arrays(np.float64, (t, e), elements=st.floats(-3, 3)))
+    k = data.draw(st.integers(1, e))
+    shift = c * np.arange(1, t + 1)[:, None]  # softmax and the margins to the threshold ignore it
+    d = NoisyTopKDraws(eps)
+    np.testing.assert_allclose(al.vmoe_importance_loss(z + shift), al.vmoe_importance_loss(z), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        al.vmoe_load_loss(z + shift, d, k, noise_std=0.5), al.vmoe_load_loss(z, d, k, noise_std=0.5), rtol=1e-7, atol=1e-10
+    )
+
+
 @given(st.integers(2, 6), st.data())
 def test_smooth_load_sums_close_to_k_times_tokens_for_small_noise_property(e, data):
     """As the noise scale shrinks, P(x, i) -> 1 for the top k of the clean logits and 0 otherwise."""
@@ -651,5 +729,21 @@ def test_bad_input_names_the_argument(rng):
         al.router_z_loss(z, mask=pytest.importorskip("torch").ones(T, dtype=pytest.importorskip("torch").bool))
     with pytest.raises(TypeError, match="cotangent must have the dtype"):
         al.router_z_loss_vjp(z, np.asarray(1.0, dtype=np.float32))
+    with pytest.raises(ValueError, match="group_size=3 must divide the number of tokens T=8"):
+        al.vmoe_importance_loss(z, group_size=3)
+    with pytest.raises(ValueError, match="group_size must be at least 1"):
+        al.vmoe_load_loss(z, d, 1, noise_std=0.1, group_size=0)
+    with pytest.raises(ValueError, match="noise_std must be a finite positive number"):
+        al.vmoe_load_loss(z, d, 1, noise_std=0.0)
+    with pytest.raises(ValueError, match="k must be between 1 and 4"):
+        al.vmoe_load_loss(z, d, 5, noise_std=0.1)
+    with pytest.raises(TypeError, match="draws must be a NoisyTopKDraws"):
+        al.vmoe_load_loss(z, d.normal, 1, noise_std=0.1)
+    with pytest.raises(ValueError, match=r"draws.normal has shape \(8, 3\)"):
+        al.vmoe_load_loss_vjp(z, NoisyTopKDraws(z[:, :3]), 1, 1.0, noise_std=0.1)
+    with pytest.raises(ValueError, match="logits contains"):
+        al.vmoe_load_loss(np.where(z > 0, -np.inf, z), d, 1, noise_std=0.1)
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        al.vmoe_importance_loss(np.where(z > 0, np.nan, z))
     with pytest.raises(TypeError, match="selection.kept must be a boolean"):
         al.load_balancing_loss(z, Routes(idx, np.ones((T, K)), np.ones((T, K)), idx))

@@ -36,8 +36,12 @@ def _random_routes(rng, T, E, k, *, live=0.85, ties=False):
 # --------------------------------------------------------------------------------------------
 
 
-def reference_capacity(routes, E, Tg, C, priority, *, top1=None, score=None, uniform=None):
-    """Slots and kept flags by sorting each (group, expert)'s routes in Python."""
+def reference_capacity(routes, E, Tg, C, priority, *, top1=None, score=None, uniform=None, take_slots=False):
+    """Slots, kept flags and loads by sorting each (group, expert)'s routes in Python.
+
+    ``take_slots``: routes dropped before capacity keep their place in the priority order (the
+    GShard paper's counter); otherwise they queue after every live route.
+    """
     idx, w, live = np.asarray(routes.expert_index), np.asarray(routes.weight), np.asarray(routes.kept)
     T, k = idx.shape
     top1 = w[:, 0] if top1 is None else top1
@@ -57,16 +61,19 @@ def reference_capacity(routes, E, Tg, C, priority, *, top1=None, score=None, uni
     position = np.zeros((T, k), np.int64)
     kept = np.zeros((T, k), bool)
     counts = np.zeros((T // Tg, E), np.int64)
+    after = np.zeros((T // Tg, E), np.int64)
     for g in range(T // Tg):
         for e in range(E):
             mine = [(t, j) for t in range(g * Tg, (g + 1) * Tg) for j in range(k) if idx[t, j] == e]
             alive = sorted([r for r in mine if live[r]], key=lambda r: key(*r))
             dead = sorted([r for r in mine if not live[r]], key=lambda r: key(*r))
+            queue = sorted(mine, key=lambda r: key(*r)) if take_slots else alive + dead
             counts[g, e] = len(alive)
-            for slot, r in enumerate(alive + dead):
+            for slot, r in enumerate(queue):
                 position[r] = slot
                 kept[r] = live[r] and (C is None or slot < C)
-    return position, kept, counts
+                after[g, e] += kept[r]
+    return position, kept, counts, after
 
 
 def _check_against_reference(routes, E, options, **kw):
@@ -81,7 +88,9 @@ def _check_against_reference(routes, E, options, **kw):
         ref_kw["top1"] = kw["priority"]
     if options.priority == "score" and kw.get("priority") is not None:
         ref_kw["score"] = kw["priority"]
-    position, kept, counts = reference_capacity(routes, E, Tg, C, options.priority, **ref_kw)
+    position, kept, counts, after = reference_capacity(
+        routes, E, Tg, C, options.priority, take_slots=options.dropped_routes_take_slots, **ref_kw
+    )
     np.testing.assert_array_equal(out.position, position)
     np.testing.assert_array_equal(out.kept, kept)
     np.testing.assert_array_equal(out.weight, np.where(kept, routes.weight, 0.0))
@@ -89,7 +98,9 @@ def _check_against_reference(routes, E, options, **kw):
     np.testing.assert_array_equal(report.counts_before, counts)
     cap = counts.max() if C is None else C
     assert report.capacity == cap
-    np.testing.assert_array_equal(report.counts_after, np.minimum(counts, cap))
+    np.testing.assert_array_equal(report.counts_after, after)
+    if not options.dropped_routes_take_slots:
+        np.testing.assert_array_equal(report.counts_after, np.minimum(counts, cap))
     return out, report
 
 
@@ -97,27 +108,44 @@ def _check_against_reference(routes, E, options, **kw):
 # Capacity formulas of the systems read
 # --------------------------------------------------------------------------------------------
 
+def _ds32(T, E, cf, k):
+    """DeepSpeed's _capacity with NumPy float32: (T / E) times the float32 tensor cf * k."""
+    return int(np.ceil(np.float32(T / E) * np.float32(cf * k)))
+
+
 SYSTEMS = {
-    # name: (options, peer formula in the peer's own float arithmetic)
-    "deepspeed_top1": (CapacityOptions(capacity_factor=1.25, k_factor="none", min_capacity=8), lambda T, E, k: max(math.ceil((T / E) * 1.25), 8)),
-    "deepspeed_topk": (CapacityOptions(capacity_factor=1.25, k_factor="inside", min_capacity=4), lambda T, E, k: max(math.ceil((T / E) * (1.25 * k)), 4)),
-    "flaxformer": (CapacityOptions(capacity_factor=1.25, rounding="round_half_even", k_factor="none", min_capacity=4), lambda T, E, k: max(int(round(1.25 * T / E)), 4)),
-    "mesh_tf": (
-        CapacityOptions(capacity_factor=1.25, rounding="floor", k_factor="none", clip_to_group_size=True, min_capacity=4),
-        lambda T, E, k: max(min(T, int((T * 1.25) / E)), 4),
+    # name: (options with the system's arithmetic, the system's own expression, evaluated as it does)
+    "deepspeed_top1": (
+        CapacityOptions(capacity_factor=1.1, k_factor="none", min_capacity=8, arithmetic="deepspeed_float32"),
+        lambda T, E, k: max(_ds32(T, E, 1.1, 1), 8),
     ),
-    "fairseq_top2": (CapacityOptions(capacity_factor=1.0, k_factor="outside"), lambda T, E, k: k * math.ceil(T / E)),
+    "deepspeed_topk": (
+        CapacityOptions(capacity_factor=1.25, k_factor="inside", min_capacity=4, arithmetic="deepspeed_float32"),
+        lambda T, E, k: max(_ds32(T, E, 1.25, k), 4),
+    ),
+    "flaxformer": (
+        CapacityOptions(capacity_factor=1.1, rounding="round_half_even", k_factor="none", min_capacity=4, arithmetic="python_float"),
+        lambda T, E, k: max(int(round(1.1 * T / E)), 4),
+    ),
+    "mesh_tf": (
+        CapacityOptions(capacity_factor=1.1, rounding="floor", k_factor="none", clip_to_group_size=True, arithmetic="python_float"),
+        lambda T, E, k: min(T, int((T * 1.1) / E)),
+    ),
+    "fairseq_top2": (
+        CapacityOptions(capacity_factor=1.0, k_factor="outside", arithmetic="python_float"),
+        lambda T, E, k: k * math.ceil(T / E),
+    ),
     "vmoe": (
-        CapacityOptions(capacity_factor=1.5, k_factor="inside", multiple_of=4),
-        lambda T, E, k: (lambda c: c + (-c) % 4)(int(math.ceil(T * k * 1.5 / E))),
+        CapacityOptions(capacity_factor=1.1, k_factor="inside", multiple_of=4, arithmetic="python_float"),
+        lambda T, E, k: (lambda c: c + (-c) % 4)(int(math.ceil((T * k) * 1.1 / E))),
     ),
     "vmoe_round": (
-        CapacityOptions(capacity_factor=0.5, rounding="round_half_even", k_factor="inside", multiple_of=1),
-        lambda T, E, k: int(round(T * k * 0.5 / E)),
+        CapacityOptions(capacity_factor=0.5, rounding="round_half_even", k_factor="inside", multiple_of=1, arithmetic="python_float"),
+        lambda T, E, k: int(round((T * k) * 0.5 / E)),
     ),
     "megablocks": (
-        CapacityOptions(capacity_factor=0.5, rounding="floor", k_factor="inside", zero_capacity_means_dropless=True),
-        lambda T, E, k: (lambda c: None if c == 0 else c)(int(0.5 * (k * T / E))),
+        CapacityOptions(capacity_factor=1.1, rounding="floor", k_factor="inside", zero_capacity_means_dropless=True, arithmetic="python_float_quotient_first"),
+        lambda T, E, k: (lambda c: None if c == 0 else c)(int(1.1 * (k * T / E))),
     ),
     "switch_fixed": (CapacityOptions(capacity=5, capacity_factor=None), lambda T, E, k: 5),
     "dropless": (CapacityOptions(dropless=True), lambda T, E, k: None),
@@ -126,25 +154,33 @@ SYSTEMS = {
 
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_capacity_formula_table(system):
+    """Each system's arithmetic reproduces its expression bit for bit (c = 1.1 lands next to integers often)."""
     options, peer = SYSTEMS[system]
-    for T in (1, 2, 3, 5, 8, 12, 16, 30, 64, 100):
+    for T in (1, 2, 3, 5, 8, 10, 12, 16, 20, 30, 64, 90, 100, 300):
         for E in (1, 2, 3, 4, 8, 16):
             for k in (1, 2, 3):
-                got, want = expert_capacity(T, E, k, options), peer(T, E, k)
-                if got != want:
-                    # only where the exact quotient c T k' / E is an integer or a half, and the peer's
-                    # float arithmetic lands an ulp off it (see the DeepSpeed case below)
-                    k_in = k if options.k_factor == "inside" else 1
-                    q = Fraction(options.capacity_factor) * T * k_in / E
-                    assert (2 * q).denominator == 1 and abs(got - want) <= (k if options.k_factor == "outside" else 1), (system, T, E, k)
+                assert expert_capacity(T, E, k, options) == peer(T, E, k), (system, T, E, k)
 
 
+@pytest.mark.parametrize("rounding", ["ceil", "floor", "round_half_even"])
+def test_exact_arithmetic_rounds_the_rational_value(rounding):
+    rnd = {"ceil": math.ceil, "floor": math.floor, "round_half_even": round}[rounding]
+    for cf in (0.3, 1.05, 1.1, 1.25):
+        options = CapacityOptions(capacity_factor=cf, rounding=rounding, k_factor="inside")
+        for T in (1, 7, 10, 20, 90, 100):
+            for E, k in ((2, 1), (3, 2), (8, 3)):
+                assert expert_capacity(T, E, k, options) == rnd(Fraction(cf) * T * k / E), (cf, T, E, k)
 
-def test_float_evaluation_can_be_off_by_one_where_the_exact_capacity_is_an_integer():
-    # ceil((T / E) * (cf * k)) in Python's float64: (100 / 3) * 3.75 = 125.00000000000001
-    # (DeepSpeed evaluates it on float32 tensors and gets 125 here; see moeref.presets.deepspeed_capacity)
+
+def test_the_arithmetics_differ_next_to_an_integer():
+    value = lambda a, T, E, k=1, cf=1.1: expert_capacity(T, E, k, CapacityOptions(capacity_factor=cf, arithmetic=a))  # noqa: E731
+    # 1.1 is stored slightly above 11/10: exactly ceil(11.000...01) = 12; 1.1 * 20 / 2 == 11.0 in floats
+    assert [value(a, 20, 2) for a in ("exact", "python_float", "python_float_quotient_first", "deepspeed_float32")] == [12, 11, 11, 11]
+    # the two float64 orders: 1.1 * 90 / 3 = 33.00000000000001, 1.1 * (90 / 3) = 33.0
+    assert (value("python_float", 90, 3), value("python_float_quotient_first", 90, 3)) == (34, 33)
+    # float64 (100 / 3) * 3.75 = 125.00000000000001, but DeepSpeed's float32 and the exact value give 125
     assert math.ceil((100 / 3) * (1.25 * 3)) == 126
-    assert expert_capacity(100, 3, 3, SYSTEMS["deepspeed_topk"][0]) == 125  # exact: 1.25 * 3 * 100 / 3
+    assert value("deepspeed_float32", 100, 3, 3, 1.25) == value("exact", 100, 3, 3, 1.25) == 125
 
 
 def test_capacity_rounding_variants_and_exact_arithmetic():
@@ -173,6 +209,8 @@ def test_priority_orders_match_a_direct_loop(rng, priority):
         CapacityOptions(capacity_factor=1.0, group_size=4, priority=priority),
         CapacityOptions(capacity=1, capacity_factor=None, group_size=6, priority=priority),
         CapacityOptions(dropless=True, group_size=3, priority=priority),
+        CapacityOptions(capacity_factor=0.5, group_size=6, priority=priority, dropped_routes_take_slots=True),
+        CapacityOptions(dropless=True, priority=priority, dropped_routes_take_slots=True),
     ):
         _check_against_reference(routes, E, options, draws=draws)
 
@@ -195,6 +233,58 @@ def test_batch_prioritized_routing_serves_confident_tokens_first():
     # the router's raw top-1 probability can be passed instead of the (renormalised) weight
     out, _ = apply_capacity(routes, 1, CapacityOptions(capacity=2, capacity_factor=None, priority="batch_prioritized"), priority=np.array([0.8, 0.1, 0.7, 0.2]))
     assert out.kept[:, 0].tolist() == [True, False, True, False]
+
+
+def test_router_scores_priority_needs_the_scores():
+    routes = _routes([[0], [0], [0], [0]], [[1.0], [1.0], [1.0], [1.0]])  # normalised top-1 weights all equal
+    raw = np.array([0.4, 0.9, 0.6, 0.5])  # the router's raw top-1 probabilities
+    options = CapacityOptions(capacity=2, capacity_factor=None, priority="batch_prioritized", priority_values="router_scores")
+    with pytest.raises(ValueError, match="priority_values='router_scores' needs the router's scores"):
+        apply_capacity(routes, 1, options)
+    out, _ = apply_capacity(routes, 1, options, priority=raw)
+    assert out.kept[:, 0].tolist() == [False, True, True, False]
+    by_weight, _ = apply_capacity(routes, 1, CapacityOptions(capacity=2, capacity_factor=None, priority="batch_prioritized"))
+    assert by_weight.kept[:, 0].tolist() == [True, True, False, False]  # equal weights: token order
+    score = CapacityOptions(capacity=1, capacity_factor=None, priority="score", priority_values="router_scores")
+    with pytest.raises(ValueError, match=r"as priority= \(shape \(4, 1\)\)"):
+        apply_capacity(routes, 1, score)
+
+
+def gshard_algorithm_1(expert_index, second_kept, C):
+    """Lines 4-23 of GShard's Algorithm 1 (k = 2, one group): a counter per expert that the second
+    loop increments whether or not the coin kept the route."""
+    T = expert_index.shape[0]
+    counter = np.zeros(expert_index.max() + 1, dtype=int)
+    kept = np.zeros((T, 2), bool)
+    for j in range(2):
+        for t in range(T):
+            e = expert_index[t, j]
+            kept[t, j] = counter[e] < C and (j == 0 or second_kept[t])
+            counter[e] += 1
+    return kept
+
+
+def test_dropped_second_route_keeps_its_slot_like_gshard_algorithm_1(rng):
+    # three tokens choose (0, 1); token 0's second route is dropped by the coin; C = 2
+    idx = np.array([[0, 1], [0, 1], [0, 1]])
+    coin = np.array([False, True, True])
+    routes = _routes(idx, np.full((3, 2), 0.5), kept=np.stack([np.ones(3, bool), coin], axis=1))
+    fixed = dict(capacity=2, capacity_factor=None)
+    mesh_tf, rep = apply_capacity(routes, 2, CapacityOptions(**fixed))
+    paper, rep_p = apply_capacity(routes, 2, CapacityOptions(dropped_routes_take_slots=True, **fixed))
+    assert mesh_tf.kept[:, 1].tolist() == [False, True, True]  # Mesh-TF: the dropped route takes no slot
+    assert paper.kept[:, 1].tolist() == [False, True, False]  # the paper: it holds slot 0 of expert 1
+    assert paper.position[:, 1].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(paper.kept, gshard_algorithm_1(idx, coin, 2))
+    assert rep.counts_before.tolist() == rep_p.counts_before.tolist() == [[3, 2]]
+    assert rep.counts_after.tolist() == [[2, 2]] and rep_p.counts_after.tolist() == [[2, 1]]
+    for _ in range(20):  # random top-2 problems against the algorithm's loop
+        T, E = 10, 4
+        idx = np.stack([rng.permutation(E)[:2] for _ in range(T)])
+        coin = rng.uniform(size=T) < 0.6
+        routes = _routes(idx, np.ones((T, 2)), kept=np.stack([np.ones(T, bool), coin], axis=1))
+        out, _ = apply_capacity(routes, E, CapacityOptions(capacity=3, capacity_factor=None, dropped_routes_take_slots=True))
+        np.testing.assert_array_equal(out.kept, gshard_algorithm_1(idx, coin, 3))
 
 
 def test_routes_dropped_before_capacity_take_no_slot():
@@ -225,20 +315,23 @@ def _routing_problem(draw):
     return _routes(idx, w, kept), E, Tg, u
 
 
-@given(_routing_problem(), st.sampled_from(PRIORITIES), st.sampled_from([0.25, 0.5, 1.0, 2.0]), st.booleans())
-def test_kept_routes_are_the_first_c_in_priority_order_property(problem, priority, cf, grouped):
+@given(_routing_problem(), st.sampled_from(PRIORITIES), st.sampled_from([0.25, 0.5, 1.0, 2.0]), st.booleans(), st.booleans())
+def test_kept_routes_are_the_first_c_in_priority_order_property(problem, priority, cf, grouped, take_slots):
     routes, E, Tg, u = problem
     draws = CapacityDraws(u) if priority == "random" else None
-    options = CapacityOptions(capacity_factor=cf, group_size=Tg if grouped else None, priority=priority)
+    options = CapacityOptions(capacity_factor=cf, group_size=Tg if grouped else None, priority=priority, dropped_routes_take_slots=take_slots)
     out, report = _check_against_reference(routes, E, options, draws=draws)
-    # no expert over capacity, in any group; kept slots distinct and below C
+    # no expert over capacity, in any group; kept slots distinct and below C (contiguous from 0
+    # unless dropped routes hold slots in between)
     T = routes.weight.shape[0]
     g = (np.arange(T) // (Tg if grouped else T))[:, None] * np.ones_like(out.position)
     for gg in np.unique(g):
         for e in range(E):
             sel = out.kept & (out.expert_index == e) & (g == gg)
-            assert sel.sum() <= report.capacity
-            assert sorted(out.position[sel].tolist()) == list(range(sel.sum()))
+            slots = sorted(out.position[sel].tolist())
+            assert sel.sum() <= report.capacity and len(set(slots)) == len(slots) and all(p < report.capacity for p in slots)
+            if not take_slots:
+                assert slots == list(range(sel.sum()))
 
 
 @given(_routing_problem(), st.sampled_from(PRIORITIES))
@@ -280,7 +373,10 @@ def test_capacity_agrees_with_numpy_on_every_backend(backend, rng):
     T, E, k = 12, 4, 2
     routes = _random_routes(rng, T, E, k, ties=True)
     u = rng.uniform(size=(T, k))
-    cases = [CapacityOptions(capacity_factor=0.5, group_size=4, priority=p) for p in PRIORITIES] + [CapacityOptions(dropless=True)]
+    cases = [CapacityOptions(capacity_factor=0.5, group_size=4, priority=p) for p in PRIORITIES] + [
+        CapacityOptions(dropless=True),
+        CapacityOptions(capacity_factor=0.5, group_size=4, dropped_routes_take_slots=True),
+    ]
     for options in cases:
         draws = CapacityDraws(u) if options.priority == "random" else None
         ref = apply_capacity(routes, E, options, draws=draws)
@@ -317,6 +413,12 @@ def test_bad_input_names_the_argument(rng):
         CapacityOptions(priority="fifo")
     with pytest.raises(ValueError, match="options.rounding must be one of"):
         CapacityOptions(rounding="nearest")
+    with pytest.raises(ValueError, match="options.arithmetic must be one of 'exact', 'python_float'"):
+        CapacityOptions(arithmetic="float16")
+    with pytest.raises(ValueError, match="options.priority_values must be one of 'weights', 'router_scores'"):
+        CapacityOptions(priority_values="probs")
+    with pytest.raises(TypeError, match="options.dropped_routes_take_slots must be a bool"):
+        CapacityOptions(dropped_routes_take_slots=1)
     with pytest.raises(ValueError, match="options.min_capacity must be at least 0, got -1"):
         CapacityOptions(min_capacity=-1)
     with pytest.raises(ValueError, match=r"routes.expert_index must lie in \[0, num_experts\) = \[0, 3\)"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +98,19 @@ def draws_like(x, draws):
     return map_tree(lambda a: torch.from_numpy(np.asarray(a).copy()), draws)
 
 
+def _gate_losses(options):
+    """The importance / load losses the preset computes (``SparseMoEOutput`` field names)."""
+    return tuple(name for name in ("importance_loss", "load_loss") if getattr(options, name) is not None)
+
+
 def flat_forward(options, draws):
+    """y, the balancing loss, the z-loss and the preset's importance / load losses, as one vector."""
+
     def forward(x, params):
         out = sparse_moe_layer(x, params, options, draws_like(x, draws))
         xp = array_namespace(out.y)
-        return xp.concat([xp.reshape(out.y, (-1,)), xp.stack([out.load_balancing_loss, out.z_loss])])
+        losses = [out.load_balancing_loss, out.z_loss] + [getattr(out, name) for name in _gate_losses(options)]
+        return xp.concat([xp.reshape(out.y, (-1,)), xp.stack(losses)])
 
     return forward
 
@@ -109,10 +118,15 @@ def flat_forward(options, draws):
 def flat_vjp(options, draws):
     def vjp(x, params, ct):
         n = x.shape[0] * x.shape[1]
-        aux = SparseMoEAuxCotangents(float(ct[n]), float(ct[n + 1]))
+        gate = {name.removesuffix("_loss"): float(ct[n + 2 + i]) for i, name in enumerate(_gate_losses(options))}
+        aux = SparseMoEAuxCotangents(float(ct[n]), float(ct[n + 1]), **gate)
         return sparse_moe_layer_vjp(x, params, options, np.reshape(ct[:n], x.shape), draws=draws, aux_cotangents=aux)
 
     return vjp
+
+
+def _n_out(options):
+    return T * D + 2 + len(_gate_losses(options))
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +147,7 @@ def test_preset_forward_and_vjp_against_torch_autograd(name):
     assert out.y.shape == (T, D) and np.all(np.isfinite(out.y))
     assert out.routes.expert_index.shape == (T, options.router.k)
     assert np.all(out.counts_after <= out.capacity)
-    ct = rng.normal(size=T * D + 2)
+    ct = rng.normal(size=_n_out(options))
     analytic = flat_vjp(options, draws)(x, params, ct)
     assert all(np.all(np.isfinite(a)) for a in leaves(analytic))
     reference = torch_vjp(flat_forward(options, draws), (x, params), ct)
@@ -165,7 +179,7 @@ def test_training_rule_preset_vjp_against_finite_differences(name):
     out = sparse_moe_layer(x, params, options, draws)
     if not options.capacity.dropless:
         assert not np.all(out.routes.kept), "the case should drop routes"
-    ct = rng.normal(size=T * D + 2)
+    ct = rng.normal(size=_n_out(options))
     assert_vjp_correct(f"preset[{name}]", flat_forward(options, draws), flat_vjp(options, draws), (x, params), ct, autograd=())
 
 
@@ -181,6 +195,98 @@ def test_preset_conventions_that_the_matrix_summarises():
     assert PRESETS["dbrx"](moe_normalize_expert_weights=None).router.normalize == "none"
     assert vmoe(noise_std=0.0).router.logit_noise_std == 0.0 and vmoe(batch_priority=False).capacity.priority == "rank_major"
     assert not shazeer2017(noisy=False).router.noisy_top_k
+    # importance and load losses with the papers' / reference code's coefficients
+    sh = shazeer2017()
+    assert (sh.importance_loss, sh.load_loss, sh.importance_loss_coef, sh.load_loss_coef) == ("shazeer2017", "shazeer2017", 0.01, 0.01)
+    assert sh.router.noise_epsilon == sh.shazeer_loss.noise_epsilon == 0.01  # tensor2tensor's noise floor
+    assert shazeer2017(noisy=False).load_loss is None and shazeer2017(noisy=False).router.noise_epsilon == 0.0
+    v = vmoe()
+    assert (v.importance_loss, v.load_loss, v.importance_loss_coef, v.load_loss_coef) == ("vmoe", "vmoe", 0.005, 0.005)
+    assert vmoe(noise_std=0.0).load_loss is None and vmoe(noise_std=0.0).importance_loss == "vmoe"
+    # capacity arithmetic of each system; fairseq's BPR key; the GShard paper's slot rule
+    assert all(f().capacity.arithmetic == "deepspeed_float32" for f in (deepspeed_top1, deepspeed_top2, deepspeed_topk))
+    assert gshard_top2().capacity.arithmetic == fairseq_top2().capacity.arithmetic == vmoe().capacity.arithmetic == "python_float"
+    assert fairseq_top2(batch_prioritized_routing=True).capacity.priority_values == "router_scores"
+    assert gshard_top2(dropped_second_takes_slot=True).capacity.dropped_routes_take_slots and not gshard_top2().capacity.dropped_routes_take_slots
+
+
+def fairseq_top2gating(logits, uniform, *, normalize_before, bpr):
+    """fairseq ``top2gating`` (``fairseq/modules/moe/top2gate.py``, commit 26d62ae8) with
+    ``second_expert_policy="random"``, transliterated to NumPy float64: combine weights (T, E)
+    summed over the capacity axis. Tie-free inputs (the peer's ``argsort`` is not stable)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    gates = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    n, e = gates.shape
+    capacity = 2 * math.ceil(n / e)
+    eye = np.eye(e)
+    mask1 = eye[np.argmax(gates, axis=1)]
+    mask2 = eye[np.argmax(np.where(mask1 > 0, -np.inf, logits), axis=1)]
+    g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+    if normalize_before:
+        denom = np.maximum(g1 + g2, np.finfo(np.float64).eps)
+        g1, g2 = g1 / denom, g2 / denom
+    mask2 = mask2 * (2 * g2 > uniform)[:, None]
+    order = np.argsort(-gates.max(axis=1), kind="stable") if bpr else np.arange(n)
+    inv = np.argsort(order)
+    loc1 = ((np.cumsum(mask1[order], axis=0) - 1) * mask1[order])[inv]
+    loc2 = ((np.cumsum(mask2[order], axis=0) - 1) * mask2[order])[inv] + mask1.sum(0, keepdims=True)
+    mask1, mask2 = mask1 * (loc1 < capacity), mask2 * (loc2 < capacity)
+    if not normalize_before:
+        g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        denom = np.maximum(g1 + g2, np.finfo(np.float64).eps)
+        g1, g2 = g1 / denom, g2 / denom
+    return g1[:, None] * mask1 + g2[:, None] * mask2
+
+
+@pytest.mark.parametrize("normalize_before", [False, True])
+@pytest.mark.parametrize("bpr", [False, True])
+def test_fairseq_top2_preset_matches_top2gating(normalize_before, bpr):
+    """Exact for every combination, batch-prioritised routing by the raw top-1 probability included."""
+    n, e = 16, 4  # capacity 2 * ceil(16 / 4) = 8 per expert for 32 routes
+    rng = np.random.default_rng(0)
+    params = make_params(rng, fairseq_top2(), e)
+    params = params._replace(router=params.router._replace(weight=params.router.weight + np.array([1.5, 0.5, 0.0, 0.0])))
+    x = np.concatenate([rng.normal(size=(n, D - 1)), np.ones((n, 1))], axis=1)  # a constant feature: a skewed router
+    uniform = rng.uniform(size=n)
+    options = fairseq_top2(normalize_gate_prob_before_dropping=normalize_before, batch_prioritized_routing=bpr)
+    draws = SparseMoEDraws(router=RouterDraws(second_expert_uniform=uniform))
+    want = fairseq_top2gating(x @ params.router.weight, uniform, normalize_before=normalize_before, bpr=bpr)
+
+    def combine(opts):
+        out = sparse_moe_layer(x, params, opts, draws)
+        assert out.capacity == 8 and np.any(out.counts_before > 8), "the case should drop routes"
+        c = np.zeros((n, e))
+        for j in range(2):
+            c[np.arange(n), out.routes.expert_index[:, j]] += out.routes.weight[:, j]
+        return c
+
+    np.testing.assert_allclose(combine(options), want, rtol=1e-13, atol=1e-15)
+    if normalize_before and bpr:  # ordering by the normalised weight instead is a different rule here
+        by_weight = dataclasses.replace(options, capacity=dataclasses.replace(options.capacity, priority_values="weights"))
+        assert np.max(np.abs(combine(by_weight) - want)) > 0.1
+
+
+def test_gshard_paper_slot_rule_through_the_preset():
+    """``dropped_second_takes_slot=True``: a second route dropped by the coin still holds its slot."""
+    rng = np.random.default_rng(11)
+    options = gshard_top2(second_expert_policy="random", second_expert_threshold=0.5)
+    paper = gshard_top2(second_expert_policy="random", second_expert_threshold=0.5, dropped_second_takes_slot=True)
+    differ = 0
+    for _ in range(10):
+        params, x = make_params(rng, options, 4), rng.normal(size=(T, D))
+        draws = SparseMoEDraws(router=RouterDraws(second_expert_uniform=rng.uniform(size=T)))
+        a, b = sparse_moe_layer(x, params, options, draws), sparse_moe_layer(x, params, paper, draws)
+        assert np.all(b.routes.kept <= a.routes.kept)  # holding slots for dropped routes only drops more
+        coin = a.router.routes.kept[:, 1]
+        C, idx = a.capacity, a.routes.expert_index
+        counter, want = np.zeros(4, dtype=int), np.zeros((T, 2), bool)  # Algorithm 1, lines 4-23
+        for j in range(2):
+            for t in range(T):
+                want[t, j] = counter[idx[t, j]] < C and (j == 0 or coin[t])
+                counter[idx[t, j]] += 1
+        np.testing.assert_array_equal(b.routes.kept, want)
+        differ += not np.array_equal(a.routes.kept, b.routes.kept)
+    assert differ > 0
 
 
 def test_preset_bad_inputs():
@@ -204,6 +310,12 @@ def test_preset_bad_inputs():
         PRESETS["dbrx"](k=0)
     with pytest.raises(ValueError, match="name must be one of"):
         preset_source("gshard")
+    with pytest.raises(TypeError, match="dropped_second_takes_slot must be a bool"):
+        gshard_top2(dropped_second_takes_slot=1)
+    with pytest.raises(ValueError, match="loss_coef must be a finite number >= 0"):
+        shazeer2017(loss_coef=-0.1)
+    with pytest.raises(ValueError, match="load_loss_weight must be a finite number >= 0"):
+        vmoe(load_loss_weight=float("nan"))
 
 
 def test_every_preset_names_its_source_and_version():
@@ -234,6 +346,9 @@ def test_detailed_table_round_trips_non_default_presets():
         "deepspeed_top2": deepspeed_top2(num_tokens=10, num_experts=2, capacity_factor=1.1),
         "vmoe": vmoe(batch_priority=False, noise_std=0.0),
         "fairseq_top2": fairseq_top2(second_expert_policy="sampling", batch_prioritized_routing=True),
+        "gshard_top2": gshard_top2(dropped_second_takes_slot=True),
+        "shazeer2017": shazeer2017(noisy=False, loss_coef=0.1),
+        "deepspeed_topk": deepspeed_topk(k=3, capacity_factor=1.1),
     }
     for name, column in _columns(conventions_table(presets, detailed=True)).items():
         assert options_from_column(column) == presets[name], name
@@ -261,8 +376,10 @@ def test_summary_rows_read_every_option_field():
     for r in rows:
         assert set(r.values) == set(PRESETS) and all(r.values.values())
     by_option = {r.option: r.values for r in rows}
-    assert by_option["capacity"]["gshard_top2"] == "`floor`(c·T/E), c = `2.0`, at most T"
-    assert by_option["drop priority"]["vmoe"] == "`batch_prioritized`"
+    assert by_option["capacity"]["gshard_top2"] == "`floor`(c·T/E), c = `2.0`, at most T, in `python_float` arithmetic"
+    assert by_option["drop priority"]["vmoe"] == "`batch_prioritized` by `weights`"
+    assert by_option["importance and load losses"]["vmoe"] == "importance `vmoe` × `0.005`; load `vmoe` × `0.005`"
+    assert by_option["importance and load losses"]["mixtral"] == "none"
     assert by_option["weight normalisation"]["fairseq_top2"] == "`sum_clamp` (ε = `finfo_eps`), after capacity"
 
 

@@ -16,12 +16,11 @@ Peers (each skipped cleanly when not installed):
   normalisation, separate `w1`/`v1`/`w2` experts) in float64, and `load_balancing_loss_func`.
 
 Inputs are random and tie-free (the peers use `torch.topk` / `argmax`, whose tie order is not
-specified); the capacity is pinned to DeepSpeed's float32 value with `num_tokens, num_experts`.
+specified); the presets compute the capacity in DeepSpeed's float32 arithmetic
+(`CapacityOptions.arithmetic="deepspeed_float32"`), so no size has to be pinned.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -120,7 +119,8 @@ def _compare(peer, out, x, experts, *, tol, slots="token"):
 
 
 def test_deepspeed_capacity_is_bitwise_deepspeeds(sharded_moe):
-    """`deepspeed_capacity` equals `_capacity` on a grid; the exact rule differs on a few sizes."""
+    """`arithmetic="deepspeed_float32"` (and its shortcut `deepspeed_capacity`, and the presets'
+    capacity options) equal `_capacity` on a grid; the exact rule differs on a few sizes."""
     exact_differs, total = [], 0
     for n in range(1, 161):
         for e in (2, 3, 7, 8):
@@ -129,11 +129,21 @@ def test_deepspeed_capacity_is_bitwise_deepspeeds(sharded_moe):
                     total += 1
                     peer = int(sharded_moe._capacity(torch.zeros(n, e), torch.tensor(cf * k), torch.tensor(0)))
                     assert deepspeed_capacity(n, e, cf, k=k) == peer, (n, e, cf, k)
+                    ds32 = CapacityOptions(capacity_factor=cf, k_factor="inside", arithmetic="deepspeed_float32")
+                    assert expert_capacity(n, e, k, ds32) == peer, (n, e, cf, k)
                     exact = expert_capacity(n, e, k, CapacityOptions(capacity_factor=cf, k_factor="inside"))
                     if exact != peer:
                         exact_differs.append((n, e, cf, k, peer, exact))
     assert (10, 2, 1.1, 2, 11, 12) in exact_differs
     assert 0 < len(exact_differs) < total / 50  # 98 of 7680 with torch 2.13
+    for n in (10, 20, 100, 160):  # the presets, as the gates call _capacity (top-1: cf; top-2: cf * 2; top-k: cf * k)
+        for cf in (1.1, 1.25):
+            top1 = deepspeed_top1(capacity_factor=cf, min_capacity=0).capacity
+            assert expert_capacity(n, 2, 1, top1) == int(sharded_moe._capacity(torch.zeros(n, 2), torch.tensor(cf), torch.tensor(0)))
+            top2 = deepspeed_top2(capacity_factor=cf, min_capacity=0).capacity
+            assert expert_capacity(n, 2, 2, top2) == int(sharded_moe._capacity(torch.zeros(n, 2), torch.tensor(cf * 2), torch.tensor(0)))
+            topk = deepspeed_topk(k=3, capacity_factor=cf, min_capacity=0).capacity
+            assert expert_capacity(n, 3, 3, topk) == int(sharded_moe._capacity(torch.zeros(n, 3), torch.tensor(cf * 3), torch.tensor(0)))
 
 
 def test_deepspeed_capacity_min_capacity_and_bad_input():
@@ -165,7 +175,7 @@ def test_deepspeed_top1_preset_matches_top1gating_with_random_token_selection(sh
         torch.tensor(logits), cf, 0, noisy_gate_policy=noisy_gate_policy, drop_tokens=True, use_rts=True
     )
 
-    options = deepspeed_top1(capacity_factor=cf, min_capacity=0, noisy_gate_policy=noisy_gate_policy, num_tokens=T, num_experts=E)
+    options = deepspeed_top1(capacity_factor=cf, min_capacity=0, noisy_gate_policy=noisy_gate_policy)
     chosen = np.argmax(scores, axis=1)
     draws = SparseMoEDraws(
         router=RouterDraws(gumbel=gumbel) if noisy_gate_policy else None,
@@ -205,7 +215,7 @@ def test_deepspeed_top2_preset_matches_top2gating(sharded_moe, monkeypatch, samp
     cf = 0.5  # C = ceil(32 / 4 * 1.0) = 8 for 64 routes: drops
     peer = sharded_moe.top2gating(torch.tensor(logits32), cf, 0, drop_tokens=True, top2_2nd_expert_sampling=sampling)
 
-    options = deepspeed_top2(capacity_factor=cf, min_capacity=0, top2_2nd_expert_sampling=sampling, num_tokens=T, num_experts=E)
+    options = deepspeed_top2(capacity_factor=cf, min_capacity=0, top2_2nd_expert_sampling=sampling)
     draws = SparseMoEDraws(router=RouterDraws(gumbel=gumbel)) if sampling else None
     out = sparse_moe_layer(x, params, options, draws)
     assert out.capacity == 8 and not np.all(out.routes.kept)
@@ -233,15 +243,18 @@ def test_deepspeed_topk_preset_matches_topkgating(sharded_moe, drop_policy):
     logits = x @ params.router.weight
     assert _margin(logits, k) > 1e-6  # softmax is monotone: the logits order the probabilities
     peer = sharded_moe.topkgating(torch.tensor(logits), k, cf, 0, drop_tokens=True, drop_policy=drop_policy)
-    options = deepspeed_topk(k=k, capacity_factor=cf, min_capacity=0, drop_policy=drop_policy, num_tokens=T, num_experts=E)
+    options = deepspeed_topk(k=k, capacity_factor=cf, min_capacity=0, drop_policy=drop_policy)
     out = sparse_moe_layer(x, params, options)
     assert out.capacity == 12 and not np.all(out.routes.kept)
     _compare(peer, out, x, params.experts, tol=1e-12)
 
 
-def test_deepspeed_unpinned_capacity_equals_pinned_on_these_sizes():
-    a = dataclasses.replace(deepspeed_topk(k=3, capacity_factor=0.5, min_capacity=0), ffn=deepspeed_topk().ffn)
-    assert expert_capacity(T, E, 3, a.capacity) == deepspeed_topk(k=3, capacity_factor=0.5, min_capacity=0, num_tokens=T, num_experts=E).capacity.capacity
+def test_deepspeed_pinning_keywords_still_give_deepspeeds_capacity():
+    """`num_tokens, num_experts` (no longer needed) fix the same float32 value as a capacity."""
+    for n, e, cf, k in ((10, 2, 1.1, 2), (T, E, 0.5, 3), (100, 3, 1.25, 3)):
+        pinned = deepspeed_topk(k=k, capacity_factor=cf, min_capacity=0, num_tokens=n, num_experts=e).capacity
+        assert pinned.capacity == expert_capacity(n, e, k, deepspeed_topk(k=k, capacity_factor=cf, min_capacity=0).capacity)
+    assert deepspeed_top2(capacity_factor=1.1, min_capacity=0, num_tokens=10, num_experts=2).capacity.capacity == 11
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,6 +300,20 @@ def test_noisy_top_k_matches_shazeer_eq_3_to_5(rng):
     assert_close(out.logits, x @ p.weight)
 
 
+def test_noise_epsilon_is_tensor2tensors_noise_floor(rng):
+    from moeref.aux_losses import SHAZEER_TENSOR2TENSOR, NoisyTopKDraws, noisy_top_k_gates
+
+    x, p = rng.normal(size=(T, D)), _noisy_params(rng)
+    n = rng.normal(size=(T, E))
+    out = route(x, p, RouterOptions(k=2, score="topk_softmax", noisy_top_k=True, noise_epsilon=1e-2), RouterDraws(noise=n))
+    H = x @ p.weight + n * (np.log1p(np.exp(x @ p.noise_weight)) + 1e-2)  # tensor2tensor noisy_top_k_gating
+    assert_close(out.noisy_logits, H)
+    np.testing.assert_array_equal(out.routes.expert_index, np_topk(H, 2))
+    # the same gates as the auxiliary-loss module's noisy top-k (tensor2tensor conventions), bit for bit
+    gates = noisy_top_k_gates(x @ p.weight, x @ p.noise_weight, NoisyTopKDraws(n), 2, options=SHAZEER_TENSOR2TENSOR)
+    np.testing.assert_array_equal(out.scores, gates)
+
+
 def test_vmoe_logit_noise_scales_with_one_over_e(rng):
     x, p = rng.normal(size=(T, D)), _params(rng)
     nu = rng.normal(size=(T, E))
@@ -394,7 +408,7 @@ VJP_CASES = {
         False,
         "uniform",
     ),
-    "noisy_top_k_jitter": (RouterOptions(k=2, score="topk_softmax", noisy_top_k=True, input_jitter=0.05), False, "noise"),
+    "noisy_top_k_jitter": (RouterOptions(k=2, score="topk_softmax", noisy_top_k=True, noise_epsilon=1e-2, input_jitter=0.05), False, "noise"),
     "vmoe_gumbel_dbrx": (RouterOptions(k=2, normalize="lp", normalize_p=1.0, logit_noise_std=1.0, gumbel="selection_and_weights"), False, "vmoe"),
 }
 
@@ -557,6 +571,10 @@ def test_bad_input_names_the_argument(rng):
         route(x, (p.weight, None))
     with pytest.raises(ValueError, match="options.score must be one of"):
         RouterOptions(score="softmax2")
+    with pytest.raises(ValueError, match="options.noise_epsilon=0.01 is the noise floor of the noisy top-k gate and needs options.noisy_top_k=True"):
+        RouterOptions(noise_epsilon=0.01)
+    with pytest.raises(ValueError, match="options.noise_epsilon must be non-negative"):
+        RouterOptions(noisy_top_k=True, noise_epsilon=-0.01)
     with pytest.raises(ValueError, match="options.selection must be 'logits'"):
         RouterOptions(score="topk_softmax", selection="scores")
     with pytest.raises(ValueError, match="must be given together"):

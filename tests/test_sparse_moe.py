@@ -393,3 +393,156 @@ def test_sequence_balance_loss_is_reported_and_differentiated():
     with pytest.raises(ValueError, match="aux_cotangents.sequence_balance is nonzero"):
         no_seq = dataclasses.replace(deepseek_v3(k=2, n_group=2, topk_group=1, n_shared_experts=0), sequence_balance=None)
         sparse_moe_layer_vjp(x, p._replace(shared=None), no_seq, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(sequence_balance=1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Importance and load losses (Shazeer et al. 2017, V-MoE) in the layer
+# --------------------------------------------------------------------------------------------
+
+
+def _gate_loss_case(kind, rng):
+    """Options, parameters and draws of a layer with both losses of ``kind`` (tie-free seeds)."""
+    from moeref.aux_losses import SHAZEER_TENSOR2TENSOR
+
+    if kind == "shazeer2017":
+        options = SparseMoEOptions(
+            router=RouterOptions(k=2, score="topk_softmax", noisy_top_k=True, noise_epsilon=1e-2, input_jitter=0.05),
+            ffn=RELU_FFN,
+            importance_loss="shazeer2017",
+            importance_loss_coef=0.1,
+            load_loss="shazeer2017",
+            load_loss_coef=0.2,
+            shazeer_loss=SHAZEER_TENSOR2TENSOR,
+        )
+        draws = SparseMoEDraws(router=RouterDraws(jitter=rng.uniform(0.95, 1.05, size=(T, D)), noise=rng.normal(size=(T, E))))
+    else:
+        options = SparseMoEOptions(
+            router=RouterOptions(k=2, logit_noise_std=1.0),
+            capacity=CapacityOptions(capacity_factor=1.0, group_size=3, priority="batch_prioritized"),
+            ffn=RELU_FFN,
+            importance_loss="vmoe",
+            importance_loss_coef=0.005,
+            load_loss="vmoe",
+            load_loss_coef=0.005,
+        )
+        draws = SparseMoEDraws(router=RouterDraws(logit_noise=rng.normal(size=(T, E))))
+    from moeref.router import route
+
+    for seed in range(100):
+        r = np.random.default_rng(seed)
+        x = r.normal(size=(T, D))
+        p = make_layer_params(r, RELU_FFN, expert_bias=False)  # few parameters: finite differences are quick
+        if kind == "shazeer2017":
+            p = p._replace(router=p.router._replace(noise_weight=r.normal(size=(D, E))))
+        sel = route(x, p.router, options.router, draws.router).selection_scores
+        if selection_margin(sel, options.router.k) > 1e-3:
+            return options, x, p, draws
+    raise AssertionError("no tie-free seed")
+
+
+@pytest.mark.parametrize("kind", ["shazeer2017", "vmoe"])
+def test_importance_and_load_losses_are_reported_and_differentiated(kind):
+    from moeref import aux_losses as al
+
+    rng = np.random.default_rng(7)
+    options, x, p, draws = _gate_loss_case(kind, rng)
+    out = sparse_moe_layer(x, p, options, draws)
+    k = options.router.k
+    if kind == "shazeer2017":  # the aux-loss module's functions on the router's clean and noise logits
+        h = out.router.router_input @ p.router.noise_weight
+        nd = al.NoisyTopKDraws(draws.router.noise)
+        assert_close(out.importance_loss, al.importance_loss(out.logits, h, nd, k, options=options.shazeer_loss))
+        assert_close(out.load_loss, al.load_loss(out.logits, h, nd, k, options=options.shazeer_loss))
+        # the importance is the batch sum of the router's own gates: the loss sees the layer's noise
+        assert_close(out.importance_loss, al.cv_squared(out.scores.sum(0), options=options.shazeer_loss))
+    else:
+        nd = al.NoisyTopKDraws(draws.router.logit_noise)
+        assert_close(out.importance_loss, al.vmoe_importance_loss(out.logits, group_size=3))
+        assert_close(out.load_loss, al.vmoe_load_loss(out.logits, nd, k, noise_std=1.0 / E, group_size=3))
+    coefs = (options.importance_loss_coef, options.load_loss_coef)
+    assert_close(out.aux_loss, coefs[0] * out.importance_loss + coefs[1] * out.load_loss)
+
+    # x and the router's parameters (the losses' new paths; the experts' VJP is checked above),
+    # which keeps finite differences through normal_cdf quick
+    def forward(x, router):
+        from moeref.backends._base import map_tree
+
+        xp = array_namespace(x)
+        d, experts = (draws, p.experts) if isinstance(x, np.ndarray) else map_tree(xp.asarray, (draws, p.experts))
+        o = sparse_moe_layer(x, p._replace(router=router, experts=experts), options, d)
+        return xp.concat([xp.reshape(o.y, (-1,)), xp.stack([o.importance_loss, o.load_loss])])
+
+    def vjp(x, router, ct):
+        n = x.shape[0] * x.shape[1]
+        aux = SparseMoEAuxCotangents(importance=float(ct[n]), load=float(ct[n + 1]))
+        g = sparse_moe_layer_vjp(x, p._replace(router=router), options, np.reshape(ct[:n], x.shape), draws=draws, aux_cotangents=aux)
+        return g.x, g.params.router
+
+    ct = rng.normal(size=T * D + 2)
+    assert_vjp_correct(f"sparse_moe_layer[{kind} losses]", forward, vjp, (x, p.router), ct, autograd=("torch",))
+    # the default cotangents are the coefficients
+    g = rng.normal(size=(T, D))
+    a = sparse_moe_layer_vjp(x, p, options, g, draws=draws)
+    b = sparse_moe_layer_vjp(x, p, options, g, draws=draws, aux_cotangents=SparseMoEAuxCotangents(importance=coefs[0], load=coefs[1]))
+    for u, v in zip(leaves(a), leaves(b)):
+        assert_close(u, v)
+
+
+def test_router_scores_priority_orders_tokens_by_the_raw_top1_probability():
+    """Normalised before capacity, the weights are g1 / (g1 + g2); fairseq's BPR still sorts by the raw g1."""
+    from moeref.capacity import apply_capacity
+    from moeref.router import route
+
+    base = SparseMoEOptions(
+        router=RouterOptions(k=2, normalize="sum"),
+        capacity=CapacityOptions(capacity_factor=0.5, priority="batch_prioritized", priority_values="router_scores"),
+    )
+    by_weight = dataclasses.replace(base, capacity=dataclasses.replace(base.capacity, priority_values="weights"))
+    differ = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        x, p = rng.normal(size=(T, D)), make_layer_params(rng, RELU_FFN)
+        out = sparse_moe_layer(x, p, base)
+        r = route(x, p.router, base.router)
+        raw = np.take_along_axis(r.scores, r.routes.expert_index, axis=1)[:, 0]
+        want, _ = apply_capacity(r.routes, E, by_weight.capacity, priority=raw)
+        np.testing.assert_array_equal(out.routes.kept, want.kept)
+        np.testing.assert_array_equal(out.routes.position, want.position)
+        differ += not np.array_equal(sparse_moe_layer(x, p, by_weight).routes.position, out.routes.position)
+    assert differ > 0  # the two orders are not the same rule
+
+
+def test_gate_loss_bad_inputs():
+    from moeref.aux_losses import SHAZEER_PAPER, SHAZEER_TENSOR2TENSOR
+
+    noisy = RouterOptions(k=2, score="topk_softmax", noisy_top_k=True, noise_epsilon=1e-2)
+    with pytest.raises(ValueError, match="options.importance_loss must be one of 'shazeer2017', 'vmoe'"):
+        SparseMoEOptions(importance_loss="switch")
+    with pytest.raises(ValueError, match="options.load_loss_coef needs options.load_loss"):
+        SparseMoEOptions(load_loss_coef=0.1)
+    with pytest.raises(ValueError, match="options.importance_loss_coef must be a finite number >= 0"):
+        SparseMoEOptions(importance_loss="vmoe", importance_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="load_loss='shazeer2017' needs options.router.noisy_top_k=True"):
+        SparseMoEOptions(load_loss="shazeer2017", shazeer_loss=SHAZEER_TENSOR2TENSOR)
+    with pytest.raises(ValueError, match="load_loss='vmoe' needs options.router.logit_noise_std > 0"):
+        SparseMoEOptions(load_loss="vmoe")
+    with pytest.raises(ValueError, match="options.shazeer_loss .* must be given exactly when"):
+        SparseMoEOptions(router=noisy, importance_loss="shazeer2017")
+    with pytest.raises(ValueError, match="options.shazeer_loss .* must be given exactly when"):
+        SparseMoEOptions(importance_loss="vmoe", shazeer_loss=SHAZEER_TENSOR2TENSOR)
+    with pytest.raises(ValueError, match="shazeer_loss.noise_epsilon=0.0 must equal options.router.noise_epsilon=0.01"):
+        SparseMoEOptions(router=noisy, load_loss="shazeer2017", shazeer_loss=SHAZEER_PAPER)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(T, D))
+    p = make_layer_params(rng, RELU_FFN)
+    p = p._replace(router=p.router._replace(noise_weight=rng.normal(size=(D, E))))
+    all_k = dataclasses.replace(noisy, k=E)
+    opts = SparseMoEOptions(router=all_k, load_loss="shazeer2017", shazeer_loss=SHAZEER_TENSOR2TENSOR)
+    with pytest.raises(ValueError, match="options.load_loss='shazeer2017' needs options.router.k < E"):
+        sparse_moe_layer(x, p, opts, SparseMoEDraws(router=RouterDraws(noise=np.zeros((T, E)))))
+    plain = SparseMoEOptions(router=RouterOptions(k=2))
+    p0 = p._replace(router=p.router._replace(noise_weight=None))
+    with pytest.raises(ValueError, match="aux_cotangents.importance is nonzero but options.importance_loss is None"):
+        sparse_moe_layer_vjp(x, p0, plain, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(importance=1.0))
+    with pytest.raises(ValueError, match="aux_cotangents.load is nonzero but options.load_loss is None"):
+        sparse_moe_layer_vjp(x, p0, plain, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(load=1.0))

@@ -50,8 +50,11 @@ routes per token, $E$ the number of experts. The meaning of each value is docume
 [`RouterOptions`][moeref.router.RouterOptions] (router),
 [`CapacityOptions`][moeref.capacity.CapacityOptions] (capacity and priority),
 [`ExpertFFN`][moeref.expert_ffn.ExpertFFN] (experts),
-[`LoadBalancingLossOptions`][moeref.aux_losses.LoadBalancingLossOptions] (balancing loss) and
-[`SparseMoEOptions`][moeref.sparse_moe.SparseMoEOptions]. Parameters are not options: a
+[`LoadBalancingLossOptions`][moeref.aux_losses.LoadBalancingLossOptions] (balancing loss),
+[`ShazeerLossOptions`][moeref.aux_losses.ShazeerLossOptions] (the CV² of Shazeer's
+importance and load losses) and [`SparseMoEOptions`][moeref.sparse_moe.SparseMoEOptions]
+(which losses the layer computes). Capacity values name their floating-point `arithmetic` when
+it is not exact. Parameters are not options: a
 router bias (GPT-OSS) or a selection-only bias (DeepSeek-V3) is present when the caller passes
 it in [`RouterParams`][moeref.router.RouterParams]. "Noise" lists the random parts; the layer
 then needs their draws, and each preset has a keyword that turns them off.
@@ -114,8 +117,11 @@ Tests: `tests/test_presets.py` runs every preset's layer forward and VJP (agains
 through moeref's forward, and finite differences for the presets added with this page);
 `tests/test_presets_peers.py` checks `deepspeed_top1`, `deepspeed_top2` and `deepspeed_topk`
 against DeepSpeed's `top1gating`, `top2gating` and `topkgating` with tokens dropped (combine
-weights, dispatch mask, `l_aux`, expert counts, layer output), the DeepSpeed capacity in float32
+weights, dispatch mask, `l_aux`, expert counts, layer output), the presets' float32 capacity
 against `_capacity`, and `dbrx` against transformers' `DbrxFFN` (output and VJP);
+`tests/test_presets.py` also checks `fairseq_top2` (every combination of normalisation and
+batch-prioritised routing) against a NumPy transliteration of fairseq's `top2gating`, and
+`gshard_top2(dropped_second_takes_slot=True)` against the loop of GShard's Algorithm 1;
 `tests/test_sparse_moe_peers.py` checks `mixtral` and `switch` against their transformers blocks.
 """
 
