@@ -9,10 +9,11 @@ computes: it is counted as one more expert) on N workers, each with this machine
 
     time(N) = ceil(E / N) * t_load + T * (k + 1) * 6 d I / (N * rate)
 
-where ``t_load`` is the time to read one expert's 352 MB (float64) of weights, paid once per worker
+with ``rate`` the FLOP/s measured at the block size nearest the layer's tokens per expert
+(``T k / E``: 128 at T = 4096, 1024 at T = 32768), and ``t_load`` the time to read one expert's 352 MB (float64) of weights, paid once per worker
 and expert (then cached): the larger of the measured map-and-touch time (the file was just written,
 so this is the page cache) and 352 MB over an assumed storage bandwidth (``--disk-gbps``, default
-1 GB/s), and ``rate`` the measured FLOP/s. Memory per
+1 GB/s). Memory per
 worker: ceil(E / N) * 352 MB of weights plus its tokens' activations.
 
 Run (OpenBLAS tuning variables removed for this process only):
@@ -61,7 +62,7 @@ def _blas_info() -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048], help="block sizes n to time")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 1024], help="block sizes n to time")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--disk-gbps", type=float, default=1.0, help="assumed storage bandwidth for cold weight reads (GB/s)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -93,16 +94,18 @@ def main() -> None:
             rows.append({"tokens": n, "median_s": t, "spread": (max(times) - min(times)) / t, "gflops": flops / t / 1e9})
             print(f"n={n:5d}  {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s")
         del mapped, touched
-    rate = max(r["gflops"] for r in rows) * 1e9
     t_load = max(t_cached, bytes_per_expert / (args.disk_gbps * 1e9))
     projection = []
     for T in (4096, 32768):
+        per_expert = T * K_ROUTED / E_ROUTED
+        nearest = min(rows, key=lambda r: abs(r["tokens"] - per_expert))
+        rate = nearest["gflops"] * 1e9
         for N in (1, 4, 16, 64, 256):
             experts_per_worker = math.ceil(E_ROUTED / N)
             compute = T * (K_ROUTED + 1) * 6 * D * I / (N * rate)
             load = experts_per_worker * t_load
             projection.append(
-                {"T": T, "workers": N, "weights_GB_per_worker": experts_per_worker * bytes_per_expert / 1e9,
+                {"T": T, "workers": N, "rate_gflops": rate / 1e9, "weights_GB_per_worker": experts_per_worker * bytes_per_expert / 1e9,
                  "load_s": load, "compute_s": compute, "total_s": load + compute}
             )
     result = {
