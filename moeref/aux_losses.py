@@ -52,8 +52,20 @@ from .core import (
     take_along_axis,
     top_k,
 )
+from .router import _check_scalar_cotangent
 from .routes import Routes
-from .validation import check_arrays, check_choice, check_float_array, check_positive_float, check_positive_int, check_shape, concrete_bool
+from .validation import (
+    check_array,
+    check_arrays,
+    check_choice,
+    check_float_array,
+    check_positive_float,
+    check_positive_int,
+    check_record_type,
+    check_same_dtype,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     # Shazeer et al. (2017)
@@ -122,13 +134,9 @@ def _check_logits(logits: Any, name: str = "logits") -> Any:
     return xp
 
 
-def _scalar_cotangent(cotangent: Any, like: Any, xp: Any) -> Any:
-    if isinstance(cotangent, (int, float)) and not isinstance(cotangent, bool):
-        return xp.asarray(float(cotangent), dtype=like.dtype, device=device_of(like))
-    check_float_array(cotangent, "cotangent", ndim=0)
-    if cotangent.dtype != like.dtype:
-        raise TypeError(f"cotangent must have the dtype of the logits ({like.dtype}), got {cotangent.dtype}")
-    return cotangent
+def _scalar_cotangent(cotangent: Any, like: Any, like_name: str) -> Any:
+    """A loss's cotangent: a finite Python number or a finite 0-d array of ``like``'s library and dtype."""
+    return _check_scalar_cotangent(cotangent, like, like_name)
 
 
 def _check_k(k: Any, num_experts: int, *, strict: bool = False) -> int:
@@ -141,10 +149,10 @@ def _check_k(k: Any, num_experts: int, *, strict: bool = False) -> int:
     return k
 
 
-def _check_mask(mask: Any, like: Any) -> Any:
+def _check_mask(mask: Any, like: Any, like_name: str = "logits") -> Any:
     if mask is None:
         return None
-    xp = array_namespace(like, mask, names=("logits", "mask"))
+    xp = array_namespace(like, mask, names=(like_name, "mask"))
     if mask.dtype != xp.bool:
         raise TypeError(f"mask must be a boolean array (True = a real token, False = padding), got dtype {mask.dtype}")
     T = like.shape[0]
@@ -152,28 +160,41 @@ def _check_mask(mask: Any, like: Any) -> Any:
     return mask
 
 
-def _selection_arrays(selection: Any, logits: Any, xp: Any) -> tuple[Any, Any]:
-    """``(expert_index, kept)`` from an int array (T, k) or a Routes record (``kept`` None for an array)."""
+def _selection_arrays(
+    selection: Any, logits: Any, xp: Any, *, name: str = "selection", logits_name: str = "logits", experts: str | None = None
+) -> tuple[Any, Any]:
+    """``(expert_index, kept)`` from an int array (T, k) or a Routes record (``kept`` None for an array).
+
+    ``name`` is the argument's name in messages (``selections[1]`` for a layer), ``logits_name``
+    the array the rows and experts are counted in, ``experts`` how $E$ was given (default: the
+    columns of ``logits_name``).
+    """
     T, E = logits.shape
+    experts = experts or f"E={E} experts in {logits_name}"
     if isinstance(selection, Routes):
         index, kept = selection.expert_index, selection.kept
-        name = "selection.expert_index"
+        index_name = f"{name}.expert_index"
+        check_array(kept, f"{name}.kept")
     else:
-        index, kept, name = selection, None, "selection"
-    array_namespace(logits, index, names=("logits", name))
+        index, kept, index_name = selection, None, name
+        if selection is None:
+            raise TypeError(f"{name} must be an integer array of expert indices, shape (T, k), or a Routes record; got None")
+    check_array(index, index_name)
+    array_namespace(logits, index, names=(logits_name, index_name))
     if not xp.isdtype(index.dtype, "integral"):
-        raise TypeError(f"{name} must be an integer array of expert indices (int64), got dtype {index.dtype}")
+        raise TypeError(f"{index_name} must be an integer array of expert indices (int64), got dtype {index.dtype}")
     if index.ndim != 2:
-        raise ValueError(f"{name} must be 2-dimensional (T, k), got shape {tuple(index.shape)}")
-    check_shape(index, name, (T, None), what=f"logits has T={T} rows")
+        raise ValueError(f"{index_name} must be 2-dimensional (T, k), got shape {tuple(index.shape)}")
+    check_shape(index, index_name, (T, None), what=f"{logits_name} has T={T} rows")
     if not 1 <= index.shape[1] <= E:
-        raise ValueError(f"{name} has k={index.shape[1]} routes per token but must have between 1 and E={E}")
+        raise ValueError(f"{index_name} has k={index.shape[1]} routes per token but must have between 1 and E={E} ({experts})")
     if concrete_bool(xp.all((index >= 0) & (index < E))) is False:
-        raise ValueError(f"{name} holds expert indices outside [0, {E}) (E={E} experts in logits)")
+        raise ValueError(f"{index_name} holds expert indices outside [0, {E}) ({experts})")
     if kept is not None:
+        array_namespace(logits, kept, names=(logits_name, f"{name}.kept"))
         if kept.dtype != xp.bool:
-            raise TypeError(f"selection.kept must be a boolean array, got dtype {kept.dtype}")
-        check_shape(kept, "selection.kept", tuple(index.shape), what="one flag per route")
+            raise TypeError(f"{name}.kept must be a boolean array, got dtype {kept.dtype}")
+        check_shape(kept, f"{name}.kept", tuple(index.shape), what="one flag per route")
     return xp.astype(index, xp.int64), kept
 
 
@@ -300,6 +321,7 @@ def cv_squared(v: Any, /, *, options: ShazeerLossOptions = SHAZEER_TENSOR2TENSOR
     >>> float(cv_squared(np.array([1.0, 3.0]), options=SHAZEER_PAPER))  # var 1, mean 2
     0.25
     """
+    check_record_type(options, "options", ShazeerLossOptions)
     xp = check_arrays({"v": v})
     check_float_array(v, "v", ndim=1)
     if v.shape[0] == 1 and options.variance == "unbiased":
@@ -322,9 +344,10 @@ def cv_squared_vjp(v: Any, cotangent: Any, /, *, options: ShazeerLossOptions = S
     -------
     array, shape (n,)
     """
+    check_record_type(options, "options", ShazeerLossOptions)
     xp = check_arrays({"v": v})
     check_float_array(v, "v", ndim=1)
-    ct = _scalar_cotangent(cotangent, v, xp)
+    ct = _scalar_cotangent(cotangent, v, "v")
     if v.shape[0] == 1 and options.variance == "unbiased":
         return xp.zeros_like(v)
     mean, var, denom, n_plus, d = _cv_parts(v, options)
@@ -334,7 +357,8 @@ def cv_squared_vjp(v: Any, cotangent: Any, /, *, options: ShazeerLossOptions = S
     return ct * (d_var / denom - var * 2.0 * mean * d_mean / (denom * denom))
 
 
-def _check_noisy(clean_logits: Any, noise_logits: Any, draws: Any, k: Any, *, strict_k: bool) -> tuple[Any, int]:
+def _check_noisy(clean_logits: Any, noise_logits: Any, draws: Any, k: Any, options: Any, *, strict_k: bool) -> tuple[Any, int]:
+    check_record_type(options, "options", ShazeerLossOptions)
     if not isinstance(draws, NoisyTopKDraws):
         raise TypeError(f"draws must be a NoisyTopKDraws record, got {type(draws).__name__}")
     xp = check_arrays({"clean_logits": clean_logits, "noise_logits": noise_logits, "draws.normal": draws.normal})
@@ -404,7 +428,7 @@ def noisy_top_k_gates(
     -----
     Ties in $H$ go to the lower expert index ([`top_k`][moeref.core.top_k]).
     """
-    _check_noisy(clean_logits, noise_logits, draws, k, strict_k=False)
+    _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=False)
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     return _top_k_softmax(fw.noisy, fw.selected)
 
@@ -466,7 +490,7 @@ def importance_loss(
     >>> round(float(importance_loss(clean[:3], z[:3], NoisyTopKDraws(z[:3]), 1)), 6)  # importance (2, 1)
     0.111111
     """
-    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, strict_k=False)
+    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=False)
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     importance = xp.sum(_top_k_softmax(fw.noisy, fw.selected), axis=0)  # (E,)
     return w_importance * cv_squared(importance, options=options)
@@ -496,8 +520,8 @@ def importance_loss_vjp(
     NoisyTopKLossGrads
         ``clean_logits`` and ``noise_logits``, shape (T, E); ``draws`` and ``k`` are ``None``.
     """
-    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, strict_k=False)
-    ct = _scalar_cotangent(cotangent, clean_logits, xp)
+    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=False)
+    ct = _scalar_cotangent(cotangent, clean_logits, "clean_logits")
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     gates = _top_k_softmax(fw.noisy, fw.selected)  # (T, E)
     imp_bar = w_importance * cv_squared_vjp(xp.sum(gates, axis=0), ct, options=options)  # (E,)
@@ -556,7 +580,7 @@ def smooth_load(
     $\operatorname{erf}$; the $10^{-20}$ is below float64 resolution for $s \ge 10^{-2}$ and is
     left out.
     """
-    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, strict_k=True)
+    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=True)
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     return xp.sum(_load_forward(clean_logits, fw, k).prob, axis=0)  # (E,)
 
@@ -601,7 +625,7 @@ def load_loss(
     >>> float(load_loss(clean, z, NoisyTopKDraws(z), 1)) < 1e-20
     True
     """
-    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, strict_k=True)
+    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=True)
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     load = xp.sum(_load_forward(clean_logits, fw, k).prob, axis=0)  # (E,)
     return w_load * cv_squared(load, options=options)
@@ -637,8 +661,8 @@ def load_loss_vjp(
     NoisyTopKLossGrads
         ``clean_logits`` and ``noise_logits``, shape (T, E); ``draws`` and ``k`` are ``None``.
     """
-    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, strict_k=True)
-    ct = _scalar_cotangent(cotangent, clean_logits, xp)
+    xp, k = _check_noisy(clean_logits, noise_logits, draws, k, options, strict_k=True)
+    ct = _scalar_cotangent(cotangent, clean_logits, "clean_logits")
     E = clean_logits.shape[1]
     fw = _noisy_forward(clean_logits, noise_logits, draws, k, options)
     ld = _load_forward(clean_logits, fw, k)
@@ -775,7 +799,7 @@ def vmoe_importance_loss_vjp(logits: Any, cotangent: Any, *, group_size: int | N
         ``logits`` shape (T, E).
     """
     xp, Tg = _check_vmoe_logits(logits, group_size, allow_neg_inf=True)
-    ct = _scalar_cotangent(cotangent, logits, xp)
+    ct = _scalar_cotangent(cotangent, logits, "logits")
     probs = softmax(logits, axis=-1)  # (T, E)
     importance = _per_group_sum(probs, Tg)  # (G, E)
     G = importance.shape[0]
@@ -895,7 +919,7 @@ def vmoe_load_loss_vjp(
         ``logits`` shape (T, E); ``draws`` and ``k`` are ``None``.
     """
     xp, Tg, k, noise_std = _check_vmoe_load(logits, draws, k, noise_std, group_size)
-    ct = _scalar_cotangent(cotangent, logits, xp)
+    ct = _scalar_cotangent(cotangent, logits, "logits")
     fw = _vmoe_load_forward(logits, draws, k, noise_std, Tg)
     G, E = fw.load.shape
     load_bar = _cv2_rows_vjp(fw.load, xp.broadcast_to(ct / G, (G,)))  # (G, E)
@@ -1096,12 +1120,15 @@ def _balance_forward(logits: Any, index: Any, kept: Any, mask: Any, options: Loa
     return _Balance(probs, fraction, mean_prob, prob_weight, scale)
 
 
-def _check_balance(logits: Any, selection: Any, mask: Any, options: Any) -> tuple[Any, Any, Any, Any, LoadBalancingLossOptions]:
+def _check_balance(
+    logits: Any, selection: Any, mask: Any, options: Any, *, logits_name: str = "logits", selection_name: str = "selection",
+    experts: str | None = None,
+) -> tuple[Any, Any, Any, Any, LoadBalancingLossOptions]:
     options = _check_options(options)
-    xp = _check_logits(logits)
+    xp = _check_logits(logits, logits_name)
     T = logits.shape[0]
-    index, kept = _selection_arrays(selection, logits, xp)
-    mask = _check_mask(mask, logits)
+    index, kept = _selection_arrays(selection, logits, xp, name=selection_name, logits_name=logits_name, experts=experts)
+    mask = _check_mask(mask, logits, logits_name)
     if options.group_size is not None and T % options.group_size != 0:
         raise ValueError(f"group_size={options.group_size} does not divide the number of tokens T={T}")
     return xp, index, kept, mask, options
@@ -1131,13 +1158,22 @@ def expert_fractions(
     array, shape (G, E), float64
         One row per routing group ($G = 1$ without groups).
     """
-    index = selection.expert_index if isinstance(selection, Routes) else selection
-    xp = array_namespace(index, names=("selection",))
     E = num_experts
     if isinstance(E, bool) or not isinstance(E, int) or E < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    is_routes = isinstance(selection, Routes)
+    index = selection.expert_index if is_routes else selection
+    if index is None:
+        raise TypeError("selection must be an integer array of expert indices, shape (T, k), or a Routes record; got None")
+    index_name = "selection.expert_index" if is_routes else "selection"
+    xp = check_array(index, index_name)
+    if index.ndim != 2:
+        raise ValueError(f"{index_name} must be 2-dimensional (T, k), got shape {tuple(index.shape)}")
+    # the fractions need E only: a zero (T, E) stand-in for the logits carries T, E and the library
     like = xp.zeros((index.shape[0], E), dtype=xp.float64, device=device_of(index))
-    xp, index, kept, mask, options = _check_balance(like, selection, mask, options)
+    xp, index, kept, mask, options = _check_balance(
+        like, selection, mask, options, logits_name=index_name, experts=f"num_experts={E}"
+    )
     return _balance_forward(like, index, kept, mask, options).fraction
 
 
@@ -1223,23 +1259,32 @@ def load_balancing_loss_vjp(
         ``logits``, shape (T, E); ``selection`` is ``None``.
     """
     xp, index, kept, mask, options = _check_balance(logits, selection, mask, options)
-    ct = _scalar_cotangent(cotangent, logits, xp)
+    ct = _scalar_cotangent(cotangent, logits, "logits")
     fw = _balance_forward(logits, index, kept, mask, options)
     G, E = fw.fraction.shape
     p_bar = (ct * fw.scale / G) * fw.fraction[:, None, :] * fw.prob_weight  # (G, S, E)
     return LoadBalancingLossGrads(softmax_vjp(fw.probs, xp.reshape(p_bar, logits.shape)))
 
 
-def _check_layers(logits_per_layer: Sequence[Any], selections: Sequence[Any]) -> tuple[list, list]:
+def _check_layers(logits_per_layer: Any, selections: Any, mask: Any) -> tuple[list, list]:
+    """Every layer's logits and selection, checked under its own name (``logits_per_layer[l]``, ``selections[l]``)."""
+    for seq, name in ((logits_per_layer, "logits_per_layer"), (selections, "selections")):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple with one entry per layer, got {type(seq).__name__}")
     logits_per_layer, selections = list(logits_per_layer), list(selections)
     if not logits_per_layer:
         raise ValueError("logits_per_layer must hold at least one layer's logits")
     if len(selections) != len(logits_per_layer):
         raise ValueError(f"selections has {len(selections)} entries but logits_per_layer has {len(logits_per_layer)} layers")
+    names = [f"logits_per_layer[{l}]" for l in range(len(logits_per_layer))]
+    for z, name in zip(logits_per_layer, names):
+        _check_logits(z, name)
+    check_same_dtype(dict(zip(names, logits_per_layer)))  # one library and one dtype for every layer
     shape = tuple(logits_per_layer[0].shape)
     for l, z in enumerate(logits_per_layer):
-        check_float_array(z, f"logits_per_layer[{l}]", ndim=2)
-        check_shape(z, f"logits_per_layer[{l}]", shape, what="every layer routes the same tokens to the same experts")
+        check_shape(z, names[l], shape, what="every layer routes the same tokens to the same experts, like logits_per_layer[0]")
+        _selection_arrays(selections[l], z, array_namespace(z), name=f"selections[{l}]", logits_name=names[l])
+    _check_mask(mask, logits_per_layer[0], names[0])
     return logits_per_layer, selections
 
 
@@ -1303,7 +1348,7 @@ def multilayer_load_balancing_loss(
     array, shape ()
     """
     options = _check_options(options)
-    logits_per_layer, selections = _check_layers(logits_per_layer, selections)
+    logits_per_layer, selections = _check_layers(logits_per_layer, selections, mask)
     if options.layers == "averaged":
         losses = [load_balancing_loss(z, e, options=options, mask=mask) for z, e in zip(logits_per_layer, selections)]
         return sum(losses[1:], losses[0]) / len(losses)
@@ -1327,17 +1372,17 @@ def multilayer_load_balancing_loss_vjp(
         ``logits``: a tuple of $L$ arrays of shape (T, E), one per layer; ``selection`` is ``None``.
     """
     options = _check_options(options)
-    logits_per_layer, selections = _check_layers(logits_per_layer, selections)
+    logits_per_layer, selections = _check_layers(logits_per_layer, selections, mask)
     L = len(logits_per_layer)
+    ct = _scalar_cotangent(cotangent, logits_per_layer[0], "logits_per_layer[0]")
     if options.layers == "averaged":
-        xp = array_namespace(*logits_per_layer)
-        ct = _scalar_cotangent(cotangent, logits_per_layer[0], xp) / L
+        ct = ct / L
         return LoadBalancingLossGrads(
             tuple(load_balancing_loss_vjp(z, e, ct, options=options, mask=mask).logits for z, e in zip(logits_per_layer, selections))
         )
     logits, selection, pooled_mask, pooled_options = _pool_layers(logits_per_layer, selections, mask, options)
     xp = array_namespace(logits)
-    grad = load_balancing_loss_vjp(logits, selection, cotangent, options=pooled_options, mask=pooled_mask).logits  # (L*T, E)
+    grad = load_balancing_loss_vjp(logits, selection, ct, options=pooled_options, mask=pooled_mask).logits  # (L*T, E)
     T, E = logits_per_layer[0].shape
     S = T if options.group_size is None else options.group_size
     G = T // S
@@ -1526,7 +1571,7 @@ def sequence_balance_loss_vjp(
         ``logits``, shape (B*T, E); ``selection`` is ``None``.
     """
     xp, index, options = _check_sequence(logits, selection, options)
-    ct = _scalar_cotangent(cotangent, logits, xp)
+    ct = _scalar_cotangent(cotangent, logits, "logits")
     fw = _sequence_forward(logits, index, options)
     T, E = logits.shape
     B = fw.fraction.shape[0]
@@ -1639,7 +1684,7 @@ def router_z_loss_vjp(logits: Any, cotangent: Any, *, mask: Any = None, mask_mod
     xp = _check_logits(logits)
     mask = _check_mask(mask, logits)
     check_choice(mask_mode, "mask_mode", _Z_MASK_MODES)
-    ct = _scalar_cotangent(cotangent, logits, xp)
+    ct = _scalar_cotangent(cotangent, logits, "logits")
     z, weight = _z_parts(logits, mask, mask_mode, xp)
     lse = _finite_lse(z, weight, xp)  # (T,)
     scale = 2.0 * ct * weight * lse  # (T,)

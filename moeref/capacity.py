@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, inverse_permutation
-from .routes import Routes
+from .core import device_of, inverse_permutation
+from .routes import Routes, check_routes
 from .validation import (
     check_arrays,
     check_choice,
+    check_finite,
     check_float_array,
     check_positive_int,
     check_record_type,
@@ -80,7 +81,8 @@ class CapacityOptions:
         ``expert_capacity``). Needs ``capacity_factor=None``.
     capacity_factor : float or None
         $c > 0$ (Switch / GShard / DeepSpeed / flaxformer / V-MoE / Megablocks
-        ``capacity_factor``).
+        ``capacity_factor``). Ignored with ``dropless=True``, where it must still be None or a
+        finite number $\ge 0$ (NaN and negative factors are refused whatever the mode).
     rounding : str
         ``"ceil"`` (DeepSpeed ``_capacity``, V-MoE default, fairseq), ``"floor"`` (Mesh-TF
         ``int(...)``, Megablocks ``int(...)``) or ``"round_half_even"`` (flaxformer ``round``,
@@ -189,7 +191,11 @@ class CapacityOptions:
     dropped_routes_take_slots: bool = False
 
     def __post_init__(self) -> None:
-        if not self.dropless:
+        if not isinstance(self.dropless, bool):
+            raise TypeError(f"options.dropless must be a bool, got {self.dropless!r}")
+        if self.dropless:
+            _check_ignored_capacity(self.capacity, self.capacity_factor)
+        else:
             if self.capacity is not None:
                 check_positive_int(self.capacity, "options.capacity", minimum=0)
                 if self.capacity_factor is not None:
@@ -211,6 +217,18 @@ class CapacityOptions:
         check_choice(self.priority_values, "options.priority_values", PRIORITY_VALUES)
         if not isinstance(self.dropped_routes_take_slots, bool):
             raise TypeError(f"options.dropped_routes_take_slots must be a bool, got {self.dropped_routes_take_slots!r}")
+
+
+def _check_ignored_capacity(capacity: Any, capacity_factor: Any) -> None:
+    """With ``dropless=True`` the capacity fields are ignored, but they must still be meaningful values."""
+    if capacity is not None:
+        check_positive_int(capacity, "options.capacity", minimum=0)
+    cf = capacity_factor
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf < 0):
+        raise ValueError(
+            f"options.capacity_factor must be None or a finite number >= 0, got {cf!r} "
+            "(ignored with dropless=True, but a NaN or negative factor is still refused)"
+        )
 
 
 class CapacityDraws(NamedTuple):
@@ -352,9 +370,8 @@ def expert_capacity(tokens_per_group: int, num_experts: int, k: int, options: Ca
 
 
 def _check_routes(routes: Routes, num_experts: int) -> tuple[Any, int, int]:
-    check_record_type(routes, "routes", Routes)
+    xp = check_routes(routes)
     check_positive_int(num_experts, "num_experts")
-    xp = array_namespace(*routes, names=tuple(f"routes.{f}" for f in Routes._fields))
     check_float_array(routes.weight, "routes.weight", ndim=2)
     T, k = routes.weight.shape
     for name in ("expert_index", "kept", "position"):
@@ -368,6 +385,7 @@ def _check_routes(routes: Routes, num_experts: int) -> tuple[Any, int, int]:
     e = routes.expert_index
     if T * k > 0 and concrete_bool(xp.all((e >= 0) & (e < num_experts))) is False:
         raise ValueError(f"routes.expert_index must lie in [0, num_experts) = [0, {num_experts})")
+    check_finite(routes.weight, "routes.weight")
     return xp, T, k
 
 

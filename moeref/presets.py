@@ -184,6 +184,7 @@ def deepseek_v3(
     ``configuration_deepseek_v3.py``. DeepSeek-AI (2024), "DeepSeek-V3 Technical Report",
     arXiv:2412.19437, Sec. 2.1.2, eqs. (12)-(20).
     """
+    check_positive_int(n_shared_experts, "n_shared_experts", minimum=0)
     return SparseMoEOptions(
         router=RouterOptions(
             k=k,
@@ -326,6 +327,7 @@ def dbrx(*, k: int = 4, moe_normalize_expert_weights: float | None = 1.0, moe_ji
     check_positive_int(k, "k")
     if moe_normalize_expert_weights is not None:
         check_positive_float(moe_normalize_expert_weights, "moe_normalize_expert_weights")
+    _check_fraction(moe_jitter_eps, "moe_jitter_eps", "factors in [1 - eps, 1 + eps] must stay positive")
     normalize = "none" if moe_normalize_expert_weights is None else "lp"
     p = 1.0 if moe_normalize_expert_weights is None else float(moe_normalize_expert_weights)
     return SparseMoEOptions(
@@ -930,6 +932,14 @@ def _check_coef(value: Any, name: str) -> float:
     return float(value)
 
 
+def _check_fraction(value: Any, name: str, why: str) -> float:
+    """A number in $[0, 1)$ (a jitter $\\varepsilon$), named as the preset's keyword."""
+    value = _check_coef(value, name)
+    if value >= 1:
+        raise ValueError(f"{name} must be below 1 ({why}), got {value!r}")
+    return value
+
+
 def vmoe(
     *,
     k: int = 2,
@@ -999,6 +1009,7 @@ def vmoe(
         raise TypeError(f"batch_priority must be a bool, got {batch_priority!r}")
     importance_loss_weight = _check_coef(importance_loss_weight, "importance_loss_weight")
     load_loss_weight = _check_coef(load_loss_weight, "load_loss_weight")
+    noise_std = _check_coef(noise_std, "noise_std")
     router = RouterOptions(k=k, score="softmax", normalize="none", logit_noise_std=noise_std)
     noisy = router.logit_noise_std > 0
     return SparseMoEOptions(
@@ -1084,10 +1095,19 @@ def _format_leaf(value: Any) -> str:
     return repr(value)
 
 
-def _parse_leaf(text: str) -> Any:
+def _parse_leaf(text: Any, path: str = "value") -> Any:
+    """A cell's text back to its value (Python literal syntax, or ``inf``, ``-inf``, ``nan``)."""
+    where = f"column[{path!r}]"
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str (a Python literal as conventions_table writes it), got {type(text).__name__} {text!r}")
     if text in ("inf", "-inf", "nan"):
         return float(text)
-    return ast.literal_eval(text)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(
+            f"{where} = {text!r} is not a Python literal (e.g. 2, 1.0, 'sum', None, True, -inf): {type(exc).__name__}"
+        ) from None
 
 
 def _show(value: Any) -> str:
@@ -1388,7 +1408,7 @@ def _build(cls: type, column: dict[str, str], prefix: str) -> Any:
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         if path in column and column[path] != MISSING:
-            kwargs[f.name] = _parse_leaf(column[path])
+            kwargs[f.name] = _parse_leaf(column[path], path)
         elif any(p.startswith(path + ".") and v != MISSING for p, v in column.items()):
             kwargs[f.name] = _build(_dataclass_in(hints[f.name]), column, path + ".")
     return cls(**kwargs)
@@ -1419,6 +1439,8 @@ def options_from_column(column: dict[str, str], *, options_type: type = SparseMo
     """
     if not (isinstance(options_type, type) and issubclass(options_type, SparseMoEOptions)):
         raise TypeError(f"options_type must be SparseMoEOptions or a subclass, got {options_type!r}")
+    if not isinstance(column, dict):
+        raise TypeError(f"column must be a dict of dotted field path -> cell text, got {type(column).__name__}")
     return _build(options_type, column, "")
 
 

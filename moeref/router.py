@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .core import array_namespace, device_of, sigmoid, softmax, softmax_vjp, softplus, take_along_axis, top_k
-from .routes import Routes
+from .routes import Routes, check_routes
 from .validation import (
+    check_array,
     check_arrays,
     check_choice,
+    check_cotangent,
     check_finite,
     check_float_array,
     check_positive_int,
@@ -83,7 +85,8 @@ class RouterParams(NamedTuple):
         $W_r$; column $e$ gives expert $e$'s logit $z_{te} = x_t \cdot W_{r,:e}$.
     bias : array, shape (E,), optional
         $b_r$, added to the logits (GPT-OSS has one; Mixtral, DeepSeek-V3, Switch do not).
-        ``-inf`` switches an expert off. Enters the weights and the selection.
+        ``-inf`` switches an expert off: it is never routed to (see
+        [`route`][moeref.router.route], Notes). Enters the weights and the selection.
     noise_weight : array, shape (d, E), optional
         $W_\text{noise}$ of the noisy top-$k$ gate of Shazeer et al. (2017), eq. (4); required
         when ``options.noisy_top_k`` is True and rejected otherwise.
@@ -244,7 +247,8 @@ class RouterOptions:
         ``second_expert_policy="random"`` keeps it iff $2 g_2 > U$: this is ``"random"`` with
         $\theta = 0.5$. A dropped route gets ``kept=False`` and weight 0.
     second_expert_threshold : float
-        $\theta$ (Mesh-TF ``moe_second_threshold_train``, default 0.2).
+        $\theta \ge 0$ (Mesh-TF ``moe_second_threshold_train``, default 0.2); $\theta > 0$ for
+        ``"random"``, which divides by it. Checked whatever the policy.
     """
 
     k: int = 1
@@ -307,9 +311,7 @@ class RouterOptions:
             raise ValueError(
                 f"options.second_expert_policy={self.second_expert_policy!r} is GShard's top-2 rule and needs options.k == 2, got k={self.k}"
             )
-        _check_finite_number(self.second_expert_threshold, "options.second_expert_threshold")
-        if self.second_expert_policy == "random" and self.second_expert_threshold <= 0:
-            raise ValueError(f"options.second_expert_threshold must be positive for the 'random' policy, got {self.second_expert_threshold!r}")
+        _check_threshold(self.second_expert_threshold, self.second_expert_policy)
 
     @property
     def effective_selection(self) -> str:
@@ -336,13 +338,16 @@ class RouterOutput(NamedTuple):
         each selected expert and 0 elsewhere (GPT-OSS ``router_scores``, Llama 4).
     selection_scores : array, shape (T, E)
         The values the top-$k$ ran on (scores or logits, plus the selection bias, with left-out
-        groups set to ``group_masked_score``). With ``gumbel="selection"`` they are
+        groups set to ``group_masked_score`` and switched-off experts, whose logit is $-\\infty$,
+        set to $-\\infty$). With ``gumbel="selection"`` they are
         ``noisy_logits`` plus the Gumbel draws (plus the selection bias); with
         ``gumbel="selection_after_first"`` the noise-free values rank 0 was chosen from.
     routes : Routes
         ``expert_index`` (T, k) in rank order; ``weight`` (T, k) after normalisation and scaling
-        (unless ``normalize_after_capacity``), 0 where dropped; ``kept`` (T, k), False only where
-        the second-expert policy dropped the route; ``position`` all 0 (capacity fills it in).
+        (unless ``normalize_after_capacity``), 0 where dropped; ``kept`` (T, k), False where the
+        second-expert policy dropped the route or where the token had fewer than $k$ selectable
+        experts (the route goes to a switched-off expert); ``position`` all 0 (capacity fills
+        it in).
     router_input : array, shape (T, d)
         $\\tilde x$, the (possibly jittered) input the logits were computed from.
     expert_input : array, shape (T, d)
@@ -389,6 +394,16 @@ def _check_nonnegative(v: Any, name: str) -> None:
         raise ValueError(f"{name} must be non-negative, got {v!r}")
 
 
+def _check_threshold(theta: Any, policy: str) -> None:
+    """$\\theta$ of the second-expert policy: a finite number $\\ge 0$ (``> 0`` for ``"random"``, which divides by it)."""
+    name = "options.second_expert_threshold"
+    if not _is_number(theta) or not math.isfinite(theta) or theta < 0 or (policy == "random" and theta == 0):
+        valid = "a finite number > 0 (the 'random' policy keeps the route iff U < g_2 / theta)" if policy == "random" else (
+            "a finite number >= 0 (GShard's theta, compared with the rank-1 weight g_2 >= 0; Mesh-TF uses 0.2)"
+        )
+        raise ValueError(f"{name} must be {valid}, got {theta!r}")
+
+
 def _check_eps(mode: str, eps: Any, name: str) -> None:
     if mode in ("sum_plus_eps", "sum_clamp"):
         if eps is None:
@@ -405,6 +420,44 @@ def _check_eps(mode: str, eps: Any, name: str) -> None:
 def _check_p(p: Any, name: str) -> None:
     if not _is_number(p) or not math.isfinite(p) or p <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {p!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cotangent checks (shared with aux_losses, shared_experts and sparse_moe)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_cotangent_of(cotangent: Any, expected: tuple, like: Any, like_name: str, *, name: str = "cotangent", what: str = "") -> Any:
+    """``validation.check_cotangent`` with the forward's argument named in the library and dtype errors.
+
+    ``like`` is the forward's floating-point argument ``like_name`` whose library and dtype the
+    cotangent must have (a float32 ``x`` with a float64 cotangent names ``x``). Returns the namespace.
+    """
+    check_array(cotangent, name)
+    check_array(like, like_name)
+    array_namespace(like, cotangent, names=(like_name, name))
+    check_float_array(cotangent, name)
+    if str(cotangent.dtype) != str(like.dtype):
+        raise TypeError(f"{name} has dtype {cotangent.dtype} but {like_name} has dtype {like.dtype} (a cotangent has the dtype of the forward's output)")
+    return check_cotangent(cotangent, expected, like, name=name, what=what)
+
+
+def _check_loss_cotangent(cotangent: Any, like: Any, like_name: str, *, name: str = "cotangent") -> None:
+    """The cotangent of a scalar loss: a finite Python number, or a finite 0-d array of ``like``'s library and dtype."""
+    if isinstance(cotangent, (int, float)) and not isinstance(cotangent, bool):
+        if not math.isfinite(cotangent):
+            raise ValueError(f"{name} must be a finite number, got {cotangent!r}")
+        return
+    _check_cotangent_of(cotangent, (), like, like_name, name=name, what="the loss is a scalar")
+
+
+def _check_scalar_cotangent(cotangent: Any, like: Any, like_name: str, *, name: str = "cotangent") -> Any:
+    """`_check_loss_cotangent`, then the cotangent as a 0-d array of ``like``'s dtype and device."""
+    _check_loss_cotangent(cotangent, like, like_name, name=name)
+    if isinstance(cotangent, (int, float)):
+        xp = array_namespace(like, names=(like_name,))
+        return xp.asarray(float(cotangent), dtype=like.dtype, device=device_of(like))
+    return cotangent
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +590,7 @@ def normalize_route_weights_vjp(weight: Any, kept: Any, mode: str, cotangent: An
     array, shape (T, k)
     """
     xp = _check_normalize_args(weight, kept, mode, eps, p)
-    check_shape(cotangent, "cotangent", tuple(weight.shape))
+    _check_cotangent_of(cotangent, tuple(weight.shape), weight, "weight", what="like weight")
     return _normalize_vjp(weight, kept, mode, eps, p, cotangent, xp)
 
 
@@ -566,7 +619,7 @@ def renormalize_routes(routes: Routes, options: RouterOptions) -> Routes:
     is True (fairseq, DeepSpeed top-2 / top-k); the VJP is
     $\rho\,$[`normalize_route_weights_vjp`][moeref.router.normalize_route_weights_vjp].
     """
-    check_record_type(routes, "routes", Routes)
+    check_routes(routes)
     check_record_type(options, "options", RouterOptions)
     w = normalize_route_weights(routes.weight, routes.kept, options.normalize, eps=options.normalize_eps, p=options.normalize_p)
     return routes._replace(weight=options.routed_scaling_factor * w)
@@ -589,6 +642,7 @@ class _Forward(NamedTuple):
     expert_index: Any  # (T, k)
     gathered: Any  # (T, k)       weights before normalisation
     normalized: Any  # (T, k)     after normalisation (before scaling and dropping)
+    live: Any  # (T, k)           False for a route to an expert that cannot be selected
     kept: Any  # (T, k)
     weight: Any  # (T, k)
 
@@ -660,6 +714,35 @@ def _check_route_inputs(x: Any, params: RouterParams, options: RouterOptions, dr
     return xp, T, E
 
 
+def _check_some_expert_selectable(logits: Any, xp: Any) -> None:
+    """Raise if a token has a -inf logit for every expert: it has no expert to route to."""
+    dead_rows = xp.all(logits == -math.inf, axis=-1)  # (T,)
+    if concrete_bool(xp.any(dead_rows)) is True:
+        t = int(xp.argmax(xp.astype(dead_rows, xp.int32)))
+        n = int(xp.sum(xp.astype(dead_rows, xp.int32)))
+        raise ValueError(
+            f"router logits (x @ params.weight + params.bias) are -inf for every expert at token {t} "
+            f"({n} such token(s)): no expert can be selected for token {t}; a -inf logit switches an expert off, "
+            "so at least one expert per token must have a finite logit"
+        )
+
+
+def _live_routes(selection_values: Any, noisy_logits: Any, idx: Any, options: RouterOptions, xp: Any) -> Any:
+    """``(T, k)`` False for a route the top-$k$ filled with an expert that cannot be selected.
+
+    That is a route whose expert has a $-\\infty$ logit (switched off), or a $-\\infty$
+    selection value (a left-out group with ``group_masked_score=-inf``), or, with
+    ``gumbel="selection_after_first"``, a rank $\\ge 1$ that repeats rank 0. The top-$k$ picks
+    such experts only when fewer than $k$ experts are selectable for the token.
+    """
+    minus_inf = -math.inf
+    live = (_gather(selection_values, idx) > minus_inf) & (_gather(noisy_logits, idx) > minus_inf)  # (T, k)
+    if options.gumbel == "selection_after_first":
+        ranks = xp.arange(idx.shape[1], dtype=idx.dtype, device=device_of(idx))
+        live = live & ((idx != idx[:, :1]) | (ranks == 0))
+    return live
+
+
 def _gather(a: Any, idx: Any) -> Any:
     return take_along_axis(a, idx, axis=-1)
 
@@ -698,6 +781,7 @@ def _forward(x: Any, params: RouterParams, options: RouterOptions, draws: Router
     if params.bias is not None:
         logits = logits + params.bias
     check_finite(logits, "router logits (x @ params.weight + params.bias)", allow_neg_inf=True)
+    _check_some_expert_selectable(logits, xp)
     noisy = logits
     noise_pre = None
     if options.noisy_top_k:
@@ -719,6 +803,8 @@ def _forward(x: Any, params: RouterParams, options: RouterOptions, draws: Router
         base = base + params.selection_bias
     if options.n_group is not None:
         base = _group_mask(base, options, xp)
+    # a -inf logit means "never route here": such an expert loses to every other one
+    base = xp.where(noisy == -math.inf, xp.full_like(base, -math.inf), base)  # (T, E)
     if options.gumbel == "selection":
         base = noisy + draws.gumbel  # Gumbel-max on the logits, whatever options.selection says
         if params.selection_bias is not None:
@@ -743,17 +829,18 @@ def _forward(x: Any, params: RouterParams, options: RouterOptions, draws: Router
         top_logits = _gather(noisy, idx)  # (T, k)
         gathered = softmax(top_logits, axis=-1) if options.score == "topk_softmax" else sigmoid(top_logits)
         scores = _scatter_rows(gathered, idx, E, xp)  # (T, E), 0 off the winners
+    live = _live_routes(base, noisy, idx, options, xp)  # (T, k)
     if options.normalize_after_capacity:
-        normalized, scale = gathered, 1.0
+        normalized, scale = xp.where(live, gathered, xp.zeros_like(gathered)), 1.0
     else:
-        normalized = _normalize(gathered, None, options.normalize, options.normalize_eps, options.normalize_p, xp)
+        normalized = _normalize(gathered, live, options.normalize, options.normalize_eps, options.normalize_p, xp)
         scale = options.routed_scaling_factor
 
     # GShard second-expert policy (k == 2)
     true_col = xp.ones((T, 1), dtype=xp.bool, device=device_of(x))
     policy = options.second_expert_policy
     if policy == "all":
-        kept = xp.ones((T, k), dtype=xp.bool, device=device_of(x))
+        kept = live
     else:
         g2 = normalized[:, 1:2]  # (T, 1)
         if policy == "none":
@@ -762,9 +849,9 @@ def _forward(x: Any, params: RouterParams, options: RouterOptions, draws: Router
             keep2 = g2 > options.second_expert_threshold
         else:
             keep2 = draws.second_expert_uniform[:, None] < g2 / options.second_expert_threshold
-        kept = xp.concat([true_col, keep2], axis=-1)  # (T, 2)
+        kept = live & xp.concat([true_col, keep2], axis=-1)  # (T, 2)
     weight = xp.where(kept, scale * normalized, xp.zeros_like(normalized))  # (T, k)
-    return _Forward(x_r, noise_pre, logits, noisy, scores, base, idx, gathered, normalized, kept, weight)
+    return _Forward(x_r, noise_pre, logits, noisy, scores, base, idx, gathered, normalized, live, kept, weight)
 
 
 def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions(), draws: RouterDraws | None = None) -> RouterOutput:
@@ -813,8 +900,9 @@ def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions()
     Raises
     ------
     ValueError
-        ``k > E``; group settings that do not fit $E$; NaN or infinite inputs or logits; a draw
-        that is missing, unused, of the wrong shape or out of range.
+        ``k > E``; group settings that do not fit $E$; NaN or infinite inputs or logits; a token
+        whose logits are $-\infty$ for every expert (no expert can be selected); a draw that is
+        missing, unused, of the wrong shape or out of range.
     TypeError
         Non-float arrays, mixed dtypes or libraries, records of the wrong type.
 
@@ -823,6 +911,20 @@ def route(x: Any, params: RouterParams, options: RouterOptions = RouterOptions()
     *Ties*: the lower expert index wins in every top-$k$ (experts and groups), on every backend.
     The experts of a token come in rank order (best first). With ``"softmax"`` selection on
     scores, logits whose probabilities underflow to the same value tie.
+
+    *Switched-off experts*: a $-\infty$ logit (a $-\infty$ entry of ``params.bias``) means
+    "never route here". Such an expert gets selection value $-\infty$ (whatever the score,
+    the selection bias or the group), so it loses to every expert with a finite logit, also to
+    one whose softmax or sigmoid underflows to 0. When a token has fewer than $k$ selectable
+    experts, the top-$k$ must still fill $k$ ranks: the extra routes (to a switched-off expert,
+    to an expert of a group left out with ``group_masked_score=-inf``, or, with
+    ``gumbel="selection_after_first"``, a repeat of rank 0) get ``kept=False`` and weight 0,
+    take no capacity slot, and the weights are renormalised over the live routes only. A token
+    whose logits are all $-\infty$ has no expert to go to: that is a ``ValueError``. The peer
+    implementations run a plain top-$k$: they keep routes to switched-off experts (weight 0
+    after a softmax or sigmoid, so the output agrees, but a capacity slot is taken) and, on
+    scores, may prefer a switched-off expert to a live one whose score underflows to 0 or that
+    a selection bias outbids.
 
     The weights are differentiable in ``x`` and the parameters with the selection held fixed:
     see [`route_weights_vjp`][moeref.router.route_weights_vjp].
@@ -866,16 +968,18 @@ def _from_output(x: Any, params: RouterParams, options: RouterOptions, output: A
     T, E, k = x.shape[0], params.weight.shape[1], options.k
     check_shape(output.routes.expert_index, "output.routes.expert_index", (T, k), what=f"T={T} tokens, options.k={k}")
     check_shape(output.routes.kept, "output.routes.kept", (T, k), what=f"T={T} tokens, options.k={k}")
-    check_shape(output.scores, "output.scores", (T, E), what=f"T={T} tokens, E={E} experts")
+    for field in ("noisy_logits", "scores", "selection_scores"):
+        check_shape(getattr(output, field), f"output.{field}", (T, E), what=f"T={T} tokens, E={E} experts")
     check_shape(output.router_input, "output.router_input", tuple(x.shape), what="the (possibly jittered) router input, like x")
     idx = xp.astype(output.routes.expert_index, xp.int64)
     # the k winners' weights before normalisation: for the topk_* scores, output.scores holds them
     # scattered to their experts, so gathering them back is exact
     gathered = _gather(output.scores, idx)  # (T, k)
     noise_pre = xp.matmul(output.router_input, params.noise_weight) if options.noisy_top_k else None  # (T, E)
+    live = _live_routes(output.selection_scores, output.noisy_logits, idx, options, xp)  # (T, k)
     return _Forward(
         output.router_input, noise_pre, output.logits, output.noisy_logits, output.scores, output.selection_scores,
-        idx, gathered, None, output.routes.kept, output.routes.weight,
+        idx, gathered, None, live, output.routes.kept, output.routes.weight,
     )
 
 
@@ -939,8 +1043,7 @@ def route_weights_vjp(
     xp, T, E = _check_route_inputs(x, params, options, draws)
     draws = RouterDraws() if draws is None else draws
     k = options.k
-    check_shape(cotangent_weight, "cotangent_weight", (T, k))
-    check_float_array(cotangent_weight, "cotangent_weight")
+    _check_cotangent_of(cotangent_weight, (T, k), x, "x", name="cotangent_weight", what=f"routes.weight: T={T} tokens, options.k={k}")
     f = _forward(x, params, options, draws, xp) if output is None else _from_output(x, params, options, output, xp)
 
     scale = 1.0 if options.normalize_after_capacity else options.routed_scaling_factor
@@ -948,7 +1051,7 @@ def route_weights_vjp(
     if options.normalize_after_capacity:
         g_bar = w_bar
     else:
-        g_bar = _normalize_vjp(f.gathered, None, options.normalize, options.normalize_eps, options.normalize_p, w_bar, xp)  # (T, k)
+        g_bar = _normalize_vjp(f.gathered, f.live, options.normalize, options.normalize_eps, options.normalize_p, w_bar, xp)  # (T, k)
 
     if options.score in ("softmax", "sigmoid", "none"):
         s_bar = _scatter_rows(g_bar, f.expert_index, E, xp)  # (T, E)

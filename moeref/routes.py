@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["Routes"]
+from .core import array_namespace
+from .validation import check_array, check_record_type
+
+__all__ = ["Routes", "check_routes"]
 
 
 class Routes(NamedTuple):
@@ -40,3 +43,34 @@ class Routes(NamedTuple):
     weight: Any
     kept: Any
     position: Any
+
+
+def check_routes(routes: Any, name: str = "routes") -> Any:
+    """Check that ``routes`` is a `Routes` record whose four fields are arrays of one library.
+
+    Shapes and dtypes are the caller's to check (they depend on ``T``, ``k`` and ``E``); this only
+    guarantees that no field is ``None``, a list or a scalar, so that reading ``.shape`` or
+    ``.dtype`` afterwards cannot fail with an ``AttributeError``. Returns the array namespace.
+
+    Raises
+    ------
+    TypeError
+        ``routes`` is not a `Routes` (``None``, a plain tuple, ...), a field is not an array (the
+        message names it, e.g. ``routes.kept must be an array, got None``), or the fields come
+        from different array libraries.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.routes import Routes, check_routes
+    >>> r = Routes(np.zeros((2, 1), dtype=np.int64), np.ones((2, 1)), np.ones((2, 1), dtype=bool), None)
+    >>> check_routes(r)
+    Traceback (most recent call last):
+    ...
+    TypeError: routes.position must be an array, got None
+    """
+    check_record_type(routes, name, Routes)
+    names = tuple(f"{name}.{f}" for f in Routes._fields)
+    for field_name, value in zip(names, routes):
+        check_array(value, field_name)
+    return array_namespace(*routes, names=names)

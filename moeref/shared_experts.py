@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from .core import device_of, sigmoid, softmax, softmax_vjp
 from .expert_ffn import SWIGLU, ExpertFFN, ExpertFFNParams, batched_expert_ffn, batched_expert_ffn_vjp, check_expert_ffn_params
+from .router import _check_cotangent_of, _check_loss_cotangent
 from .validation import check_arrays, check_choice, check_float_array, check_record_type, check_shape
 
 __all__ = [
@@ -364,8 +365,8 @@ def combine_shared_experts_vjp(
     SharedExpertGrads
     """
     xp = _check(x, routed_y, params, options)
-    check_shape(cotangent, "cotangent", tuple(x.shape), what="the output, (T, d)")
-    check_arrays({"x": x, "cotangent": cotangent})
+    _check_cotangent_of(cotangent, tuple(x.shape), x, "x", what="the output, like x (T, d)")
+    _check_loss_cotangent(budget_cotangent, x, "x", name="budget_cotangent")
     return _vjp(x, routed_y, params, options, cotangent, budget_cotangent, xp)
 
 

@@ -65,6 +65,8 @@ from .core import device_of, take_along_axis
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, check_expert_ffn_params
 from .router import (
+    _check_cotangent_of,
+    _check_loss_cotangent,
     RouterDraws,
     RouterOptions,
     RouterOutput,
@@ -670,9 +672,8 @@ def sparse_moe_layer_vjp(
     one-sided derivative with the forward's selection.
     """
     xp, draws = _check(x, params, options, draws)
-    check_shape(cotangent_y, "cotangent_y", tuple(x.shape), what="the layer output, (T, d)")
-    check_arrays({"x": x, "cotangent_y": cotangent_y})
-    aux_cotangents = _aux_cotangents(options, aux_cotangents)
+    _check_cotangent_of(cotangent_y, tuple(x.shape), x, "x", name="cotangent_y", what="the layer output, like x (T, d)")
+    aux_cotangents = _aux_cotangents(options, aux_cotangents, x)
     r, routes, routed_y = _forward_state(x, params, options, draws, output)
     rp = params.router
     rdraws = draws.router if draws.router is not None else RouterDraws()
@@ -729,7 +730,7 @@ def _is_zero(c: Any) -> bool:
     return isinstance(c, (int, float)) and c == 0
 
 
-def _aux_cotangents(options: SparseMoEOptions, aux: SparseMoEAuxCotangents | None) -> SparseMoEAuxCotangents:
+def _aux_cotangents(options: SparseMoEOptions, aux: SparseMoEAuxCotangents | None, x: Any) -> SparseMoEAuxCotangents:
     """The given cotangents, checked against the losses the options compute; default: the coefficients."""
     budget_coef = 0.0 if options.shared is None else options.shared.budget_loss_coef
     if aux is None:
@@ -738,6 +739,8 @@ def _aux_cotangents(options: SparseMoEOptions, aux: SparseMoEAuxCotangents | Non
             options.importance_loss_coef, options.load_loss_coef,
         )
     check_record_type(aux, "aux_cotangents", SparseMoEAuxCotangents)
+    for name, value in zip(SparseMoEAuxCotangents._fields, aux):
+        _check_loss_cotangent(value, x, "x", name=f"aux_cotangents.{name}")
     for name, kind in (("importance", options.importance_loss), ("load", options.load_loss)):
         if kind is None and not _is_zero(getattr(aux, name)):
             raise ValueError(f"aux_cotangents.{name} is nonzero but options.{name}_loss is None (the loss is not computed)")

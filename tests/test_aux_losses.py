@@ -727,7 +727,7 @@ def test_bad_input_names_the_argument(rng):
         al.router_z_loss(z, mask=np.ones(T, dtype=bool), mask_mode="zero")
     with pytest.raises(TypeError, match="different array libraries"):
         al.router_z_loss(z, mask=pytest.importorskip("torch").ones(T, dtype=pytest.importorskip("torch").bool))
-    with pytest.raises(TypeError, match="cotangent must have the dtype"):
+    with pytest.raises(TypeError, match="cotangent has dtype float32 but logits has dtype float64"):
         al.router_z_loss_vjp(z, np.asarray(1.0, dtype=np.float32))
     with pytest.raises(ValueError, match="group_size=3 must divide the number of tokens T=8"):
         al.vmoe_importance_loss(z, group_size=3)
@@ -747,3 +747,51 @@ def test_bad_input_names_the_argument(rng):
         al.vmoe_importance_loss(np.where(z > 0, np.nan, z))
     with pytest.raises(TypeError, match="selection.kept must be a boolean"):
         al.load_balancing_loss(z, Routes(idx, np.ones((T, K)), np.ones((T, K)), idx))
+
+
+def test_options_selections_cotangents_and_layers_are_named(rng):
+    torch = pytest.importorskip("torch")
+    z = _logits(rng)
+    idx = _top(z, K)
+    d = NoisyTopKDraws(_logits(rng))
+    v = rng.uniform(0.5, 2.0, size=E)
+    with pytest.raises(TypeError, match="options must be a ShazeerLossOptions, got NoneType"):
+        al.cv_squared(v, options=None)
+    for fn in (al.noisy_top_k_gates, al.smooth_load, al.importance_loss, al.load_loss):
+        with pytest.raises(TypeError, match="options must be a ShazeerLossOptions, got NoneType"):
+            fn(z, z, d, K, options=None)
+    for fn in (al.load_balancing_loss, al.sequence_balance_loss):
+        with pytest.raises(TypeError, match=r"selection must be an integer array of expert indices, shape \(T, k\), or a Routes record; got None"):
+            fn(z, None)
+    with pytest.raises(TypeError, match="selection.kept must be an array, got None"):
+        al.load_balancing_loss(z, Routes(idx, np.ones(idx.shape), None, np.zeros_like(idx)))
+    # cotangents of the scalar losses: finite, and of the library and dtype of the named input
+    with pytest.raises(TypeError, match="cotangent has dtype float64 but v has dtype float32"):
+        al.cv_squared_vjp(v.astype(np.float32), np.array(1.0))
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: v"):
+        al.cv_squared_vjp(torch.from_numpy(v), np.array(1.0))
+    for bad in (np.array(np.nan), np.array(np.inf), float("nan")):
+        with pytest.raises(ValueError, match="cotangent (contains NaN|must be a finite number)"):
+            al.load_balancing_loss_vjp(z, idx, bad)
+    with pytest.raises(ValueError, match=r"cotangent has shape \(1,\) but \(\) was expected \(the loss is a scalar\)"):
+        al.router_z_loss_vjp(z, np.ones(1))
+    # expert_fractions names its own arguments, never `logits`
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: selection; numpy: mask"):
+        al.expert_fractions(torch.from_numpy(idx), E, mask=np.ones(T, bool))
+    with pytest.raises(ValueError, match=r"selection holds expert indices outside \[0, 2\) \(num_experts=2\)"):
+        al.expert_fractions(idx + 1, 2)
+    # multilayer losses name the layer
+    z1 = _logits(rng)
+    i1 = _top(z1, K)
+    with pytest.raises(TypeError, match="logits_per_layer\\[0\\]: float64, logits_per_layer\\[1\\]: float32"):
+        al.multilayer_load_balancing_loss((z, z1.astype(np.float32)), (idx, i1))
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: logits_per_layer\[1\]"):
+        al.multilayer_load_balancing_loss_vjp((z, torch.from_numpy(z1)), (idx, i1), 1.0)
+    with pytest.raises(ValueError, match=r"logits_per_layer\[1\] contains NaN"):
+        al.multilayer_load_balancing_loss((z, np.full_like(z1, np.nan)), (idx, i1))
+    with pytest.raises(TypeError, match=r"selections\[1\] must be an integer array .* got None"):
+        al.multilayer_load_balancing_loss((z, z1), (idx, None))
+    with pytest.raises(ValueError, match=r"selections\[0\] holds expert indices outside \[0, 4\) \(E=4 experts in logits_per_layer\[0\]\)"):
+        al.multilayer_load_balancing_loss((z, z1), (idx + E, i1))
+    with pytest.raises(TypeError, match="logits_per_layer must be a list or tuple with one entry per layer, got NoneType"):
+        al.multilayer_load_balancing_loss(None, (idx, i1))

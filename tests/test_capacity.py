@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moeref.capacity import CapacityDraws, CapacityOptions, apply_capacity, expert_capacity
-from moeref.routes import Routes
+from moeref.routes import Routes, check_routes
 from conftest import assert_close
 from helpers import leaves
 
@@ -448,3 +448,29 @@ def test_bad_input_names_the_argument(rng):
     with pytest.raises(TypeError, match="different array libraries"):
         torch = pytest.importorskip("torch")
         apply_capacity(routes._replace(weight=torch.from_numpy(routes.weight)), 4)
+
+
+def test_non_finite_weights_and_ignored_dropless_fields_are_refused(rng):
+    routes = _random_routes(rng, 6, 4, 2)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="routes.weight contains NaN or infinite values"):
+            apply_capacity(routes._replace(weight=np.where(routes.kept, bad, 0.0)), 4, CapacityOptions(capacity=2, capacity_factor=None))
+    for cf in (math.nan, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"options.capacity_factor must be None or a finite number >= 0, got .* \(ignored with dropless=True"):
+            CapacityOptions(capacity_factor=cf, dropless=True)
+    with pytest.raises(ValueError, match="options.capacity must be at least 0, got -1"):
+        CapacityOptions(capacity=-1, capacity_factor=None, dropless=True)
+    with pytest.raises(TypeError, match="options.dropless must be a bool"):
+        CapacityOptions(dropless=1)
+    CapacityOptions(capacity_factor=None, dropless=True)  # ignored values may be None
+
+
+@pytest.mark.parametrize("field", Routes._fields)
+def test_a_routes_field_that_is_not_an_array_is_named(rng, field):
+    routes = _random_routes(rng, 6, 4, 2)
+    with pytest.raises(TypeError, match=f"routes.{field} must be an array, got None"):
+        apply_capacity(routes._replace(**{field: None}), 4)
+    with pytest.raises(TypeError, match=f"routes.{field} must be an array"):
+        check_routes(routes._replace(**{field: [0, 1]}))
+    with pytest.raises(TypeError, match="routes must be a Routes, got NoneType"):
+        check_routes(None)

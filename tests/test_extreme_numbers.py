@@ -257,16 +257,12 @@ def test_whole_masked_rows_in_the_auxiliary_losses():
         router_z_loss(z)  # (log sum exp)^2 = +inf: no finite answer, and the error says so
 
 
-@pytest.mark.xfail(strict=True, reason="router: every expert switched off (all -inf bias) returns weight-0 routes marked "
-                   "kept instead of an error; repro: route(x, RouterParams(w, np.full(E, -np.inf)), RouterOptions(k=2))")
 def test_a_router_with_every_expert_switched_off_raises():
     r = seeded(0)
     with pytest.raises(ValueError, match="-inf"):
         route(r.normal(size=(T, D)), RouterParams(r.normal(size=(D, E)), np.full(E, -np.inf)), RouterOptions(k=2))
 
 
-@pytest.mark.xfail(strict=True, reason="router: with fewer live experts than k, the extra routes go to switched-off "
-                   "experts with weight 0 but kept=True (they take capacity slots); repro: bias [-inf]*4 + [0], k=2")
 def test_routes_to_switched_off_experts_are_not_kept():
     r = seeded(0)
     bias = np.array([-np.inf] * (E - 1) + [0.0])

@@ -422,3 +422,31 @@ def test_committed_pages_equal_the_regenerated_text():
     script = _load_page_script()
     for page, text in ((script.MATRIX_PAGE, script.matrix_page()), (script.PRESETS_PAGE, script.presets_page())):
         assert page.read_text(encoding="utf-8") == text, f"{page.name} is stale: run python docs/scripts/conventions_matrix.py"
+
+
+def test_preset_keywords_are_checked_under_their_own_names():
+    from moeref.presets import dbrx, deepseek_v3
+
+    with pytest.raises(ValueError, match="n_shared_experts must be at least 0, got -1"):
+        deepseek_v3(n_shared_experts=-1)
+    with pytest.raises(TypeError, match="n_shared_experts must be an int, got float 1.5"):
+        deepseek_v3(n_shared_experts=1.5)
+    assert deepseek_v3(n_shared_experts=0).shared is None
+    for bad in (math.nan, -1.0):
+        with pytest.raises(ValueError, match="moe_jitter_eps must be a finite number >= 0"):
+            dbrx(moe_jitter_eps=bad)
+        with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+            vmoe(noise_std=bad)
+    with pytest.raises(ValueError, match=r"moe_jitter_eps must be below 1 \(factors in \[1 - eps, 1 \+ eps\] must stay positive\), got 1.0"):
+        dbrx(moe_jitter_eps=1.0)
+    assert dbrx(moe_jitter_eps=0.01).router.jitter_experts and vmoe(noise_std=0.0).load_loss is None
+
+
+def test_options_from_column_names_the_bad_cell():
+    with pytest.raises(ValueError, match=r"column\['router.k'\] = 'bogus' is not a Python literal"):
+        options_from_column({"router.k": "bogus"})
+    with pytest.raises(TypeError, match=r"column\['router.k'\] must be a str .*got NoneType None"):
+        options_from_column({"router.k": None})
+    with pytest.raises(TypeError, match="column must be a dict"):
+        options_from_column([("router.k", "2")])
+    assert options_from_column({"router.k": "2"}).router.k == 2

@@ -501,6 +501,105 @@ def test_normalize_route_weights_vjp(rng):
 
 
 # --------------------------------------------------------------------------------------------
+# Switched-off experts: a -inf logit means "never route here"
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_token_with_every_expert_switched_off_is_an_error(rng):
+    with pytest.raises(ValueError, match="-inf for every expert at token 0 .* no expert can be selected for token 0"):
+        route(rng.normal(size=(T, D)), RouterParams(rng.normal(size=(D, E)), np.full(E, -np.inf)), RouterOptions(k=2))
+
+
+@pytest.mark.parametrize("score", ["softmax", "topk_softmax", "sigmoid", "topk_sigmoid", "none"])
+@pytest.mark.parametrize("normalize", ["none", "sum", "lp"])
+def test_routes_beyond_the_live_experts_are_dropped_not_kept(rng, score, normalize):
+    """Two live experts, k = 3: rank 2 must go to a switched-off expert; it is kept=False, weight 0."""
+    bias = np.full(E, -np.inf)
+    bias[[2, 5]] = 0.0
+    x = rng.normal(size=(T, D))
+    opts = RouterOptions(k=3, score=score, normalize=normalize)
+    out = route(x, RouterParams(rng.normal(size=(D, E)), bias), opts)
+    r = out.routes
+    assert np.all(np.isin(r.expert_index[:, :2], [2, 5])) and not np.any(np.isin(r.expert_index[:, 2], [2, 5]))
+    assert np.all(r.kept[:, :2]) and not np.any(r.kept[:, 2])
+    assert np.all(np.isfinite(r.weight)) and np.all(r.weight[:, 2] == 0.0)
+    if normalize == "sum":  # renormalised over the live routes only
+        np.testing.assert_allclose(r.weight.sum(axis=1), 1.0, rtol=1e-12)
+    # the dropped routes take no capacity slot
+    from moeref.capacity import CapacityOptions, apply_capacity
+
+    report = apply_capacity(r, E, CapacityOptions(capacity=T, capacity_factor=None)).report
+    assert report.counts_before.sum() == 2 * T
+    grads = route_weights_vjp(x, RouterParams(rng.normal(size=(D, E)), bias), opts, None, rng.normal(size=(T, 3)))
+    assert all(np.all(np.isfinite(g)) for g in leaves(grads))
+
+
+def test_a_switched_off_expert_never_wins_while_enough_are_live(rng):
+    """On scores a switched-off expert scores 0 (softmax, sigmoid) and could win through a
+    selection bias, or tie with a live expert whose score underflows: it must not."""
+    x = rng.normal(size=(T, D))
+    W = rng.normal(size=(D, E))
+    bias = np.zeros(E)
+    bias[0] = -np.inf
+    bias[1] = -2000.0  # live, but its softmax and sigmoid underflow to exactly 0
+    push = np.zeros(E)
+    push[0] = 10.0  # a selection bias that would make expert 0 win
+    for score in ("softmax", "sigmoid"):
+        out = route(x, RouterParams(W, bias, selection_bias=push), RouterOptions(k=E - 1, score=score))
+        assert not np.any(out.routes.expert_index == 0), score
+        assert np.all(out.routes.kept), score
+        assert np.all(np.isneginf(out.selection_scores[:, 0])), score
+
+
+@pytest.mark.parametrize("fill", [-math.inf, 0.0])
+def test_groups_with_too_few_live_experts(fill):
+    """Group 0 wins but holds one live expert; rank 1 falls outside the live experts of the chosen group."""
+    x = np.zeros((1, 1))
+    bias = np.array([5.0, -np.inf, -3.0, -3.0])
+    opts = RouterOptions(k=2, score="sigmoid", n_group=2, topk_group=1, group_score="top2_sum", group_masked_score=fill, normalize="sum")
+    r = route(x, RouterParams(np.zeros((1, 4)), bias), opts).routes
+    assert r.expert_index[0, 0] == 0 and r.kept[0, 0]
+    if fill == -math.inf:  # the left-out group's experts are masked like switched-off ones: never routed to
+        assert r.expert_index[0, 1] == 1 and not r.kept[0, 1] and r.weight[0, 1] == 0.0
+        assert r.weight[0, 0] == 1.0
+    else:  # masked with 0.0 (older HF releases): a live expert of the left-out group is selectable
+        assert r.expert_index[0, 1] == 2 and r.kept[0, 1] and 0.0 < r.weight[0, 1] < r.weight[0, 0]
+
+
+def test_gumbel_after_first_with_one_live_expert_does_not_repeat_it(rng):
+    bias = np.array([0.0] + [-np.inf] * (E - 1))
+    opts = RouterOptions(k=2, gumbel="selection_after_first", normalize="sum")
+    x = rng.normal(size=(T, D))
+    p = RouterParams(rng.normal(size=(D, E)), bias)
+    draws = RouterDraws(gumbel=rng.gumbel(size=(T, E)))
+    out = route(x, p, opts, draws)
+    assert np.all(out.routes.kept[:, 0]) and not np.any(out.routes.kept[:, 1])
+    np.testing.assert_array_equal(out.routes.weight, np.tile([[1.0, 0.0]], (T, 1)))
+    ct = rng.normal(size=(T, 2))
+    np.testing.assert_array_equal(route_weights_vjp(x, p, opts, out, ct, draws).x, route_weights_vjp(x, p, opts, None, ct, draws).x)
+
+
+def test_route_weights_vjp_with_switched_off_experts(rng):
+    x = rng.normal(size=(T, D))
+    bias = rng.normal(size=E)
+    bias[[0, 3, 4, 6, 7]] = -np.inf  # three live experts, k = 4
+    p = RouterParams(rng.normal(size=(D, E)), bias)
+    opts = RouterOptions(k=4, normalize="sum", routed_scaling_factor=2.0)
+    out = route(x, p, opts)
+
+    def forward(x_, w_):
+        return route(x_, RouterParams(w_, _like(w_, bias)), opts).routes.weight
+
+    def vjp(x_, w_, ct):
+        g = route_weights_vjp(x_, p._replace(weight=w_), opts, out, ct)
+        return (g.x, g.params.weight)
+
+    assert_vjp_correct("route_weights[switched_off]", forward, vjp, (x, p.weight), rng.normal(size=(T, 4)), autograd=("torch",))
+    g = route_weights_vjp(x, p, opts, out, rng.normal(size=(T, 4))).params
+    assert np.all(g.weight[:, np.isneginf(bias)] == 0.0) and np.all(g.bias[np.isneginf(bias)] == 0.0)
+
+
+# --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
 
@@ -622,3 +721,37 @@ def test_bad_input_names_the_argument(rng):
     with pytest.raises(ValueError, match="eps is required"):
         normalize_route_weights(np.ones((2, 2)), None, "sum_clamp")
     assert isinstance(out, RouterOutput) and isinstance(out.routes, Routes)
+
+
+def test_second_expert_threshold_range():
+    with pytest.raises(ValueError, match=r"options.second_expert_threshold must be a finite number >= 0 .*, got -1.0"):
+        RouterOptions(second_expert_threshold=-1.0)  # checked whatever the policy
+    with pytest.raises(ValueError, match=r"options.second_expert_threshold must be a finite number >= 0 .*, got nan"):
+        RouterOptions(k=2, second_expert_policy="threshold", second_expert_threshold=math.nan)
+    with pytest.raises(ValueError, match=r"options.second_expert_threshold must be a finite number > 0 \(the 'random' policy"):
+        RouterOptions(k=2, second_expert_policy="random", second_expert_threshold=0.0)
+    RouterOptions(k=2, second_expert_policy="threshold", second_expert_threshold=0.0)  # keeps every g_2 > 0
+
+
+def test_bad_cotangents_and_routes_are_refused(rng):
+    torch = pytest.importorskip("torch")
+    x, p = rng.normal(size=(T, D)), _params(rng)
+    opts = RouterOptions(k=2)
+    out = route(x, p, opts)
+    ct = rng.normal(size=(T, 2))
+    with pytest.raises(ValueError, match="cotangent_weight contains NaN"):
+        route_weights_vjp(x, p, opts, out, np.full((T, 2), np.nan))
+    with pytest.raises(TypeError, match="cotangent_weight has dtype float32 but x has dtype float64"):
+        route_weights_vjp(x, p, opts, out, ct.astype(np.float32))
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: cotangent_weight"):
+        route_weights_vjp(x, p, opts, out, torch.from_numpy(ct))
+    with pytest.raises(TypeError, match="cotangent_weight must have a real floating-point dtype"):
+        route_weights_vjp(x, p, opts, out, np.ones((T, 2), dtype=np.int64))
+    w, kept = rng.uniform(size=(T, 2)), np.ones((T, 2), bool)
+    with pytest.raises(TypeError, match="cotangent has dtype float64 but weight has dtype float32"):
+        normalize_route_weights_vjp(w.astype(np.float32), kept, "sum", ct)
+    with pytest.raises(ValueError, match="cotangent contains NaN"):
+        normalize_route_weights_vjp(w, kept, "sum", np.full((T, 2), np.inf))
+    with pytest.raises(TypeError, match="routes.kept must be an array, got None"):
+        renormalize_routes(out.routes._replace(kept=None), opts)
+

@@ -278,3 +278,23 @@ def test_bad_input_names_the_argument(rng):
         sparse_moe_layer_vjp(x, params, options, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(shared_budget=1.0))
     with pytest.raises(TypeError, match="options.shared must be a SharedExpertOptions"):
         SparseMoEOptions(shared="add")
+
+
+def test_bad_cotangents_are_refused(rng):
+    torch = pytest.importorskip("torch")
+    x, r = rng.normal(size=(T, D)), rng.normal(size=(T, D))
+    p = make_shared(rng, "nllb_cmr")
+    opts = OPTIONS["nllb_cmr"]
+    ct = rng.normal(size=(T, D))
+    with pytest.raises(ValueError, match="cotangent contains NaN"):
+        combine_shared_experts_vjp(x, r, p, opts, np.full((T, D), np.inf))
+    with pytest.raises(TypeError, match="cotangent has dtype float32 but x has dtype float64"):
+        combine_shared_experts_vjp(x, r, p, opts, ct.astype(np.float32))
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: cotangent"):
+        combine_shared_experts_vjp(x, r, p, opts, torch.from_numpy(ct))
+    with pytest.raises(ValueError, match=r"cotangent has shape \(6, 2\) but \(6, 3\) was expected"):
+        combine_shared_experts_vjp(x, r, p, opts, ct[:, :2])
+    with pytest.raises(ValueError, match="budget_cotangent must be a finite number, got nan"):
+        combine_shared_experts_vjp(x, r, p, opts, ct, budget_cotangent=float("nan"))
+    with pytest.raises(ValueError, match="budget_cotangent contains NaN"):
+        combine_shared_experts_vjp(x, r, p, opts, ct, budget_cotangent=np.array(np.nan))

@@ -546,3 +546,38 @@ def test_gate_loss_bad_inputs():
         sparse_moe_layer_vjp(x, p0, plain, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(importance=1.0))
     with pytest.raises(ValueError, match="aux_cotangents.load is nonzero but options.load_loss is None"):
         sparse_moe_layer_vjp(x, p0, plain, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(load=1.0))
+
+
+def test_bad_cotangents_are_refused():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(T, D))
+    p = make_layer_params(rng, RELU_FFN)
+    opts = SparseMoEOptions(router=RouterOptions(k=2), load_balancing_coef=0.01)
+    ct = rng.normal(size=(T, D))
+    with pytest.raises(ValueError, match="cotangent_y contains NaN"):
+        sparse_moe_layer_vjp(x, p, opts, np.full((T, D), np.nan))
+    with pytest.raises(TypeError, match="cotangent_y has dtype float32 but x has dtype float64"):
+        sparse_moe_layer_vjp(x, p, opts, ct.astype(np.float32))
+    with pytest.raises(TypeError, match=r"different array libraries .*torch: cotangent_y"):
+        sparse_moe_layer_vjp(x, p, opts, torch.from_numpy(ct))
+    with pytest.raises(ValueError, match="aux_cotangents.load_balancing must be a finite number, got nan"):
+        sparse_moe_layer_vjp(x, p, opts, ct, aux_cotangents=SparseMoEAuxCotangents(load_balancing=float("nan")))
+    with pytest.raises(TypeError, match="aux_cotangents.z_loss has dtype float32 but x has dtype float64"):
+        sparse_moe_layer_vjp(x, p, opts, ct, aux_cotangents=SparseMoEAuxCotangents(z_loss=np.float32(1.0)))
+
+
+def test_routes_to_switched_off_experts_take_no_capacity_slot():
+    """Only expert 2 is live and k = 2: every rank-1 route goes to a switched-off expert, is
+    dropped by the router and never counts against that expert's capacity."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(T, D))
+    p = make_layer_params(rng, RELU_FFN, router_bias=True)
+    p = p._replace(router=p.router._replace(bias=np.array([-np.inf, -np.inf, 0.0, -np.inf])))
+    opts = SparseMoEOptions(router=RouterOptions(k=2, normalize="sum"), capacity=CapacityOptions(capacity=T, capacity_factor=None))
+    out = sparse_moe_layer(x, p, opts)
+    assert np.all(out.routes.expert_index[:, 0] == 2) and np.all(out.routes.kept[:, 0]) and not np.any(out.routes.kept[:, 1])
+    np.testing.assert_array_equal(out.counts_before, [[0, 0, T, 0]])
+    assert_close(out.y, np_ffn(x, p.experts, 2, RELU_FFN))  # weight 1: renormalised over the live route
+    g = sparse_moe_layer_vjp(x, p, opts, rng.normal(size=(T, D)), output=out)
+    assert all(np.all(np.isfinite(a)) for a in leaves(g))
