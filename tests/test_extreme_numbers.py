@@ -311,7 +311,8 @@ def test_bfloat16_softmax_gate_and_mixture_property(z):
 @given(st.data(), st.integers(5, 10))
 def test_variance_collapse_raises_the_named_em_error_property(data, N):
     """Component 1 owns exactly two points: its regression line fits them exactly, sigma -> 0."""
-    x = with_intercept(data.draw(hnp.arrays(np.float64, (N, 1), elements=st.floats(-5, 5), unique=True)))
+    # distinct x values at least 0.1 apart (unique floats such as 0 and 1e-233 make the design singular first)
+    x = with_intercept(data.draw(hnp.arrays(np.int64, (N, 1), elements=st.integers(-50, 50), unique=True)) / 10.0)
     # generic y (noise added) so that component 0, with N - 2 >= 3 points, keeps a positive variance
     y = data.draw(hnp.arrays(np.float64, (N,), elements=st.floats(-5, 5))) + seeded(N).normal(size=N)
     owned = data.draw(st.lists(st.integers(0, N - 1), min_size=2, max_size=2, unique=True))
