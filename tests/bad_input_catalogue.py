@@ -547,43 +547,11 @@ issue("hme-em-unchecked", "hme_em",
       "-> numpy.linalg.LinAlgError: Eigenvalues did not converge",
       ("hme_em.hme_m_step", ("state*", "posteriors*")), ("hme_em.hme_penalty", ("params.gate_*",)),
       ("hme_em.hme_random_starts", ("template.gate_*",)), ("hme_em.fit_hme", ("init.gate_biases[[]0[]]:torch",)))
-issue("aux-losses-names", "aux_losses",
-      "options=None gives AttributeError; selection=None gives AttributeError; multilayer losses name `logits` / "
-      "`selection` without the layer index and accept a float32 layer among float64 ones; cv_squared_vjp and "
-      "expert_fractions mention `logits`, which is not one of their arguments.",
-      "cv_squared(v, options=None) -> AttributeError: 'NoneType' object has no attribute 'size_epsilon'; "
-      "multilayer_load_balancing_loss((l0, l1.astype(np.float32)), (s0, s1)) returns a number",
-      ("aux_losses.*", ("options:none", "selection:none", "v:float32", "v:torch", "selection:torch")),
-      ("aux_losses.multilayer_*", ("logits_per_layer*", "selections*")))
-issue("router-threshold", "router",
-      "second_expert_threshold accepts negative values (with policy 'random', theta < 0 drops every second route; "
-      "with 'threshold' keeps every one); renormalize_routes accepts routes.kept=None.",
-      "RouterOptions(k=2, second_expert_policy='threshold', second_expert_threshold=-1.0) is accepted",
-      ("router.*", ("options.second_expert_threshold:-1", "routes.kept:none")),
-      ("sparse_moe.*", ("options.router.second_expert_threshold:-1",)),
-      ("presets.conventions_table", ("presets.mixtral.router.second_expert_threshold:-1",)))
-issue("capacity-unchecked", "capacity",
-      "apply_capacity passes NaN / inf route weights through; CapacityOptions does not validate capacity_factor "
-      "when dropless=True (NaN and negative accepted).",
-      "apply_capacity(routes._replace(weight=nan_weights), E, CapacityOptions(capacity=2, capacity_factor=None, "
-      "dropless=False)) returns NaN weights; CapacityOptions(capacity_factor=float('nan'), dropless=True) is accepted",
-      ("capacity.*", ("routes.weight:nan", "routes.weight:inf")),
-      ("presets.conventions_table", ("presets.mixtral.capacity.capacity_factor:*",)))
 issue("routes-fields-unchecked", "dispatch",
       "A Routes record with a None field fails inside (AttributeError) instead of naming the field.",
       "dispatch_combine(x, routes._replace(kept=None), experts, RELU_FFN) -> AttributeError: 'NoneType' object has no "
       "attribute 'dtype'",
       ("dispatch.*", ("routes.*:none",)))
-issue("presets-keywords", "presets",
-      "deepseek_v3 accepts n_shared_experts=-1 and 1.5; dbrx / vmoe report bad moe_jitter_eps / noise_std under the "
-      "options field name (options.input_jitter, options.logit_noise_std); options_from_column lets ast.literal_eval's "
-      "'malformed node or string' escape for a value that is not a literal.",
-      "deepseek_v3(n_shared_experts=-1) returns options (without a shared expert); "
-      "options_from_column({'router.k': 'bogus'}) -> ValueError: "
-      "malformed node or string",
-      ("presets.deepseek_v3", ("n_shared_experts:-1", "n_shared_experts:float")), ("presets.dbrx", ("moe_jitter_eps:*",)),
-      ("presets.vmoe", ("noise_std:*",)), ("presets.options_from_column", ("column.*",)))
-
 issue("em-helpers-unchecked", "em, em_init, weighted_lstsq",
       "EM helpers do not validate their arrays: em.entropy accepts any shape / dtype / NaN; "
       "check_nonempty_components accepts NaN / inf / bool weights and a NaN or negative min_weight, and unpacks the "
