@@ -27,11 +27,14 @@ from .core import array_namespace, device_of, inverse_permutation, one_hot
 from .expert_ffn import (
     ExpertFFN,
     ExpertFFNParams,
+    _check_finite_by_sum,
     _expert_slice,
     _ffn_backward,
     _ffn_forward,
+    _ffn_output,
     _named_params,
     _stack_expert_grads,
+    _weighted_ffn_vjp,
     batched_expert_ffn,
     check_expert_ffn_params,
 )
@@ -131,7 +134,9 @@ def _check_kept_range(values: Any, kept: Any, bound: int, name: str, what: str, 
         raise ValueError(f"{name} of the kept routes must lie in [0, {bound}) ({what}); found values in [{lo}, {hi}]")
 
 
-def _check_call(x: Any, routes: Any, experts: Any, ffn: Any, apply_weight_to: str) -> tuple[Any, int, int, int]:
+def _check_call(
+    x: Any, routes: Any, experts: Any, ffn: Any, apply_weight_to: str, check_finite: bool = True
+) -> tuple[Any, int, int, int]:
     check_record_type(routes, "routes", Routes)
     check_record_type(experts, "experts", ExpertFFNParams)
     check_record_type(ffn, "ffn", ExpertFFN)
@@ -140,7 +145,12 @@ def _check_call(x: Any, routes: Any, experts: Any, ffn: Any, apply_weight_to: st
     xp = array_namespace(x, *routes, *experts, names=names)
     check_float_array(x, "x", ndim=2)
     T, k = _check_routes(routes, x.shape[0], xp)
-    check_arrays({"x": x, "routes.weight": routes.weight, **_named_params(experts)})
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__} {check_finite!r}")
+    named = {"x": x, "routes.weight": routes.weight, **_named_params(experts)}
+    check_arrays(named, finite=False)
+    if check_finite:
+        _check_finite_by_sum(named, xp)
     E, _, _ = check_expert_ffn_params(experts, ffn, d=x.shape[1])
     _check_kept_range(routes.expert_index, routes.kept, E, "routes.expert_index", f"experts holds E={E} experts", xp)
     return xp, T, k, E
@@ -177,15 +187,69 @@ def _plan(routes: Routes, E: int, xp: Any) -> _Plan:
     return _Plan(bounds, token, weight, combine_row)
 
 
-def _combine(blocks: list, plan: _Plan, width: int, like: Any, xp: Any) -> Any:
-    """``out[t] = sum_j buffer[combine_row[t, j]]`` with the zero row appended: a gather, no scatter."""
+# Sizes of the pieces the work is cut into, in numbers per piece. Large temporaries are mapped
+# fresh and page-faulted on every call, small ones are recycled by the allocator and stay in cache;
+# pieces must still be large enough for the matmuls to keep their speed and for the Python
+# overhead per piece to vanish.
+_BLOCK_ELEMENTS = 1 << 22  # expert rows per piece: at most about this many hidden activations (rows x K)
+_MIN_BLOCK_ROWS = 256
+_COMBINE_ELEMENTS = 1 << 17  # tokens per combine piece: about this many gathered numbers (tokens x k x d)
+
+
+def _pieces(start: int, end: int, max_rows: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut into equal consecutive pieces of at most ``max_rows`` rows."""
+    n = end - start
+    count = -(-n // max_rows)
+    size = -(-n // count)
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
+
+
+def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFFN, apply_weight_to: str, xp: Any) -> list:
+    """Expert outputs of the kept routes in sorted order, as (n, d) pieces; weighted only for ``"input"``."""
+    width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
+    max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
+    blocks = []
+    for e in range(len(plan.bounds) - 1):
+        start, end = plan.bounds[e], plan.bounds[e + 1]
+        if end == start:
+            continue
+        p = _expert_slice(experts, e)
+        for a, b in _pieces(start, end, max_rows):
+            xs = xp.take(x, plan.token[a:b], axis=0)  # (n, d) this piece's tokens
+            if apply_weight_to == "input":
+                xs = xs * plan.weight[a:b, None]
+            blocks.append(_ffn_output(xs, p, ffn, xp))  # (n, d)
+            del xs  # freed before the next piece's tokens are gathered
+    return blocks
+
+
+def _combine(blocks: list, plan: _Plan, weight: Any, like: Any, xp: Any) -> Any:
+    r"""$\mathrm{out}_t = \sum_j w_{tj}\, \mathrm{buffer}[\mathrm{row}_{tj}]$ with a zero row appended: a gather, no scatter.
+
+    ``blocks`` (the rows in sorted order, emptied once concatenated) become one buffer; dropped
+    routes read its zero row. ``weight`` (T, k), or None for an unweighted sum. The gather runs
+    over pieces of tokens: one ``take`` of their ``k`` rows each, then a ``(1, k) @ (k, width)``
+    matmul per token (the weighted sum in one pass).
+    """
+    width = like.shape[1]
     zero = xp.zeros((1, width), dtype=like.dtype, device=device_of(like))
     buffer = xp.concat(blocks + [zero], axis=0)  # (R+1, width)
-    k = plan.combine_row.shape[1]
-    out = xp.take(buffer, plan.combine_row[:, 0], axis=0)  # (T, width)
-    for j in range(1, k):
-        out = out + xp.take(buffer, plan.combine_row[:, j], axis=0)
-    return out
+    blocks.clear()
+    T, k = plan.combine_row.shape
+    if T == 0:
+        return xp.zeros((0, width), dtype=like.dtype, device=device_of(like))
+    step = max(1, _COMBINE_ELEMENTS // (k * width))
+    parts = []
+    for t0 in range(0, T, step):
+        t1 = min(t0 + step, T)
+        rows = plan.combine_row[t0:t1, :]  # (n, k)
+        n = t1 - t0
+        gathered = xp.reshape(xp.take(buffer, xp.reshape(rows, (n * k,)), axis=0), (n, k, width))  # (n, k, width)
+        if weight is None:
+            parts.append(xp.sum(gathered, axis=1))  # (n, width)
+        else:
+            parts.append(xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)  # (T, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +258,13 @@ def _combine(blocks: list, plan: _Plan, width: int, like: Any, xp: Any) -> Any:
 
 
 def dispatch_combine(
-    x: Any, routes: Routes, experts: ExpertFFNParams, ffn: ExpertFFN, *, apply_weight_to: str = "output"
+    x: Any,
+    routes: Routes,
+    experts: ExpertFFNParams,
+    ffn: ExpertFFN,
+    *,
+    apply_weight_to: str = "output",
+    check_finite: bool = True,
 ) -> Any:
     r"""Sparse MoE layer output from a routing record, by sorted dispatch and gathered combine.
 
@@ -217,13 +287,13 @@ def dispatch_combine(
        ones go last);
     2. per-expert blocks $[\mathrm{start}_e, \mathrm{end}_e)$ from ``searchsorted`` of
        $0, \dots, E$ in the sorted keys;
-    3. gather the kept routes' token rows into one contiguous $(R, d)$ buffer ($R$ = number of
-       kept routes);
-    4. per expert with a non-empty block: one matmul chain
-       ([`expert_ffn`][moeref.expert_ffn.expert_ffn]'s math) on its rows, times the sorted weights;
-    5. concatenate the blocks and a zero row, and combine: $y_t = \sum_j \mathrm{buf}[\mathrm{row}_{tj}]$
-       where $\mathrm{row}$ is the inverse permutation of the sort (dropped routes read the zero
-       row). A gather over $k$ ranks, no scatter-add.
+    3. per expert with a non-empty block: gather its tokens' rows (contiguous, $n_e \times d$) and
+       run one matmul chain ([`expert_ffn`][moeref.expert_ffn.expert_ffn]'s math) on them;
+    4. concatenate the blocks and a zero row ($R + 1$ rows, $R$ = number of kept routes), and
+       combine: $y_t = \sum_j w_{tj}\, \mathrm{buf}[\mathrm{row}_{tj}]$ where $\mathrm{row}$ is
+       the inverse permutation of the sort (dropped routes read the zero row). A gather of the
+       $k$ rows of a few tokens at a time and one $(1 \times k)(k \times d)$ product per token:
+       no scatter-add.
 
     Parameters
     ----------
@@ -238,6 +308,12 @@ def dispatch_combine(
         The FFN family and weight layout.
     apply_weight_to : {"output", "input"}
         Where $w_{tj}$ multiplies (see above).
+    check_finite : bool
+        Check that ``x``, ``routes.weight`` and every expert parameter are finite (default). The
+        check reads every weight once (a matrix-vector product with ones, so a few per cent of the
+        layer's time when $E d I$ is large against $T k d I$); a caller that has validated the
+        same arrays already (a layer, at its boundary) passes False. Non-finite input then gives
+        non-finite output instead of a ``ValueError``.
 
     Returns
     -------
@@ -245,10 +321,12 @@ def dispatch_combine(
 
     Notes
     -----
-    **Memory.** Besides the output, the transients are the $(R, d)$ gathered tokens, one expert's
-    activations ($n_e \times I$, or $n_e \times 2I$ fused gated) at a time, the $(R + 1, d)$
-    concatenated expert outputs and one $(T, d)$ gathered slice per rank: $O(Tkd + \max_e n_e I)$.
-    No $(T, E, C)$ tensor and no $(T, k, d)$ padded copy per expert.
+    **Memory.** Besides the output, the transients are the expert outputs ($R \times d$, one
+    block per expert), their concatenation ($(R + 1) \times d$), one expert's tokens and
+    activations ($n_e \times d$ and $n_e \times K$, $K = 2I$ for a fused gated FFN) at a time,
+    and the combine's small per-token pieces: $O(Tkd + \max_e n_e K)$. No $(T, E, C)$ tensor and
+    no padded copy per expert. An expert with more than about $2^{22} / K$ rows is run in equal
+    pieces of at most that many rows, so that its workspace stays bounded.
 
     **Edge cases.** A dropped route contributes nothing whatever its weight (the record sets it to
     0) and whatever its expert index; a kept route's expert index must lie in $[0, E)$. An expert
@@ -270,24 +348,11 @@ def dispatch_combine(
     >>> dispatch_combine(np.array([[1.0], [2.0]]), routes, experts, RELU_FFN).tolist()
     [[3.25], [20.0]]
     """
-    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to)
-    d = x.shape[1]
+    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
     plan = _plan(routes, E, xp)
-    xs = xp.take(x, plan.token, axis=0)  # (R, d): the one gathered copy of the tokens
-    blocks = []
-    for e in range(E):
-        start, end = plan.bounds[e], plan.bounds[e + 1]
-        if end == start:
-            continue
-        p = _expert_slice(experts, e)
-        w = plan.weight[start:end, None]  # (n_e, 1)
-        if apply_weight_to == "input":
-            out, _ = _ffn_forward(xs[start:end, ...] * w, p, ffn, xp)  # (n_e, d)
-        else:
-            out = _ffn_forward(xs[start:end, ...], p, ffn, xp)[0] * w  # (n_e, d)
-        blocks.append(out)
-    del xs
-    return _combine(blocks, plan, d, x, xp)  # (T, d)
+    blocks = _expert_outputs(x, plan, experts, ffn, apply_weight_to, xp)  # pieces (n, d), sorted order
+    weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
+    return _combine(blocks, plan, weight, x, xp)  # (T, d)
 
 
 def dispatch_combine_vjp(
@@ -298,6 +363,7 @@ def dispatch_combine_vjp(
     cotangent: Any,
     *,
     apply_weight_to: str = "output",
+    check_finite: bool = True,
 ) -> DispatchCombineGrads:
     r"""VJP of [`dispatch_combine`][moeref.dispatch.dispatch_combine] w.r.t. ``x``, the expert weights and ``routes.weight``.
 
@@ -316,8 +382,8 @@ def dispatch_combine_vjp(
 
     Parameters
     ----------
-    x, routes, experts, ffn, apply_weight_to
-        As in the forward.
+    x, routes, experts, ffn, apply_weight_to, check_finite
+        As in the forward (``check_finite`` also covers ``cotangent``).
     cotangent : array, shape (T, d)
 
     Returns
@@ -329,12 +395,18 @@ def dispatch_combine_vjp(
     Notes
     -----
     The expert forward is recomputed block by block (nothing is stored between the forward and
-    this call); the token rows and cotangent rows are gathered per block, so the transient memory
-    is $O(Tkd)$ for the per-row cotangents plus one expert's activations.
+    this call), up to the hidden activations only: with $z$ the input of $W^{\mathrm{out}}_e$ and
+    $\hat z = \bar y\, W^{\mathrm{out}\top}_e$, $\bar w_{tj} = \langle \hat z_r, z_r\rangle +
+    \langle \bar y_t, b^{\mathrm{out}}_e\rangle$, so the output projection is never recomputed and
+    the matmuls are exactly those of one forward and one backward pass. The token rows and
+    cotangent rows are gathered per block, so the transient memory is $O(Tkd)$ for the per-row
+    cotangents plus one expert's activations.
     """
-    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to)
+    xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
     check_shape(cotangent, "cotangent", tuple(x.shape), what="the output of dispatch_combine, (T, d)")
-    check_arrays({"x": x, "cotangent": cotangent})
+    check_arrays({"x": x, "cotangent": cotangent}, finite=False)
+    if check_finite:
+        _check_finite_by_sum({"cotangent": cotangent}, xp)
     d = x.shape[1]
     plan = _plan(routes, E, xp)
     x_blocks, w_blocks = [], []
@@ -352,16 +424,16 @@ def dispatch_combine_vjp(
             xin = xs * w
             _, cache = _ffn_forward(xin, p, ffn, xp)
             xin_bar, per_expert[e] = _ffn_backward(xin, p, ffn, cache, ct, xp)  # (n_e, d)
-            w_blocks.append(xp.sum(xin_bar * xs, axis=1, keepdims=True))  # (n_e, 1)
+            w_blocks.append(xp.vecdot(xin_bar, xs, axis=-1))  # (n_e,)
             x_blocks.append(xin_bar * w)
         else:
-            out, cache = _ffn_forward(xs, p, ffn, xp)  # (n_e, d)
-            w_blocks.append(xp.sum(out * ct, axis=1, keepdims=True))  # (n_e, 1)
-            xs_bar, per_expert[e] = _ffn_backward(xs, p, ffn, cache, ct * w, xp)
+            xs_bar, w_bar_e, per_expert[e] = _weighted_ffn_vjp(xs, p, ffn, ct, w, xp)  # (n_e, d), (n_e,)
+            w_blocks.append(w_bar_e)
             x_blocks.append(xs_bar)
-    x_bar = _combine(x_blocks, plan, d, x, xp)  # (T, d)
-    w_rows = xp.concat(w_blocks + [xp.zeros((1, 1), dtype=x.dtype, device=device_of(x))], axis=0)  # (R+1, 1)
-    w_bar = xp.reshape(xp.take(w_rows[:, 0], xp.reshape(plan.combine_row, (T * k,)), axis=0), (T, k))  # (T, k)
+        del xs, ct
+    x_bar = _combine(x_blocks, plan, None, x, xp)  # (T, d)
+    w_rows = xp.concat(w_blocks + [xp.zeros((1,), dtype=x.dtype, device=device_of(x))], axis=0)  # (R+1,)
+    w_bar = xp.reshape(xp.take(w_rows, xp.reshape(plan.combine_row, (T * k,)), axis=0), (T, k))  # (T, k)
     return DispatchCombineGrads(
         x=x_bar,
         routes=Routes(expert_index=None, weight=w_bar, kept=None, position=None),

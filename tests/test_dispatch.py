@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import moeref.dispatch as dispatch_module
 from moeref.dispatch import (
     dense_dispatch_combine,
     dense_dispatch_tensors,
@@ -207,6 +208,89 @@ def test_permuting_tokens_permutes_outputs_property(T, k, apply_weight_to, seed)
     permuted = Routes(*(a[perm] for a in routes))
     y = dispatch_combine(x, routes, p, SWIGLU, apply_weight_to=apply_weight_to)
     assert_close(dispatch_combine(x[perm], permuted, p, SWIGLU, apply_weight_to=apply_weight_to), y[perm])
+
+
+# --------------------------------------------------------------------------------------------
+# Work cut into pieces (long expert blocks, many tokens): same results
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_pieces(monkeypatch):
+    """Expert blocks cut into pieces of 2 rows, the combine run 3 numbers (one token) at a time."""
+    monkeypatch.setattr(dispatch_module, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(dispatch_module, "_MIN_BLOCK_ROWS", 2)
+    monkeypatch.setattr(dispatch_module, "_COMBINE_ELEMENTS", 3)
+
+
+@pytest.mark.parametrize("apply_weight_to", ["output", "input"])
+@pytest.mark.parametrize("name,ffn,bias,scale", CASES, ids=[c[0] for c in CASES])
+def test_pieces_and_combine_chunks_equal_per_token_loop(name, ffn, bias, scale, apply_weight_to, rng, tiny_pieces):
+    T, d, I, E, k = 13, 4, 5, 3, 2
+    x, routes = rng.normal(size=(T, d)), make_routes(rng, T, k, E, drop=0.2)
+    p = make_params(rng, E, d, I, ffn, bias=bias, scale=scale)
+    assert dispatch_module._pieces(0, 7, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    y = dispatch_combine(x, routes, p, ffn, apply_weight_to=apply_weight_to)
+    assert_close(y, loop_reference(x, routes, p, ffn, apply_weight_to), rtol=1e-12, atol=1e-12)
+
+
+def test_vjp_with_combine_chunks(rng, small, tiny_pieces):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    ct = rng.normal(size=x.shape)
+    assert_vjp_correct(
+        "dispatch_combine[swiglu,pieces]",
+        lambda x, routes, p: dispatch_combine(x, routes, p, SWIGLU),
+        lambda x, routes, p, c: dispatch_combine_vjp(x, routes, p, SWIGLU, c),
+        (x, routes, p),
+        ct,
+        autograd=(),
+    )
+
+
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 64), st.integers(0, 2**31 - 1))
+def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_elements, seed):
+    rng = np.random.default_rng(seed)
+    E, d, I = 4, 3, 2
+    routes, x = make_routes(rng, T, k, E, drop=0.25), rng.normal(size=(T, d))
+    p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, scale=6.0)
+    want = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
+    saved = dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS
+    try:
+        dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS = 1, min_rows, combine_elements
+        got = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
+    finally:
+        dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS = saved
+    assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_check_finite_false_skips_the_check_but_dropped_routes_still_count_zero(rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    y = dispatch_combine(x, routes, p, SWIGLU)
+    nan_dropped = routes._replace(weight=np.where(routes.kept, routes.weight, np.nan))
+    with pytest.raises(ValueError, match="routes.weight contains NaN"):
+        dispatch_combine(x, nan_dropped, p, SWIGLU)
+    assert_close(dispatch_combine(x, nan_dropped, p, SWIGLU, check_finite=False), y)
+    bad = p._replace(w_out=np.where(np.arange(d) == 0, np.inf, p.w_out))
+    with pytest.raises(ValueError, match="experts.w_out contains NaN or infinite values"):
+        dispatch_combine(x, routes, bad, SWIGLU)
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert not np.all(np.isfinite(dispatch_combine(x, routes, bad, SWIGLU, check_finite=False)))
+    with pytest.raises(ValueError, match="cotangent contains NaN or infinite values"):
+        dispatch_combine_vjp(x, routes, p, SWIGLU, np.full(x.shape, np.nan))
+    with pytest.raises(TypeError, match="check_finite must be a bool, got int 1"):
+        dispatch_combine(x, routes, p, SWIGLU, check_finite=1)
+
+
+def test_huge_finite_values_pass_the_finiteness_check(rng, small):
+    """The check sums columns: an overflowing sum of finite values must not be reported as NaN."""
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, RELU_FFN, bias=False)
+    huge = p._replace(w_out=np.full_like(p.w_out, 1e308))
+    with np.errstate(over="ignore"):
+        y = dispatch_combine(x, routes, huge, RELU_FFN)
+    assert y.shape == x.shape
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.special import erf
+from scipy.special import expit as scipy_expit
 
 from moeref.expert_ffn import (
     GEGLU,
@@ -144,6 +146,55 @@ def test_float32_stays_float32(rng):
     p32 = ExpertFFNParams(*(None if a is None else a.astype(np.float32) for a in p))
     y = expert_ffn(rng.normal(size=(3, 4)).astype(np.float32), p32, SWIGLU, expert=0)
     assert y.dtype == np.float32
+
+
+def _swish_gate_params(dtype, beta_scale=1.0):
+    """d = 1, I = 1 SwiGLU whose gate pre-activation is the input row and whose up projection is 1."""
+    return ExpertFFNParams(
+        w_in=np.array([[[beta_scale, 0.0]]], dtype=dtype),
+        w_out=np.ones((1, 1, 1), dtype=dtype),
+        b_in=np.array([[0.0, 1.0]], dtype=dtype),
+        b_out=np.zeros((1, 1), dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ffn", [SWIGLU, ExpertFFN(activation="silu", gated=True, swish_beta=1.702)], ids=["beta1", "beta1.702"])
+def test_silu_keeps_relative_accuracy_and_never_overflows(dtype, ffn):
+    """h / (1 + e^{-beta h}) over the whole range, far tails included, without a floating-point warning."""
+    g = np.array([-1e4, -800.0, -710.0, -100.0, -88.5, -40.0, -20.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 20.0, 100.0, 1e4])
+    g = g[np.abs(g) < np.finfo(dtype).max / 2].astype(dtype)[:, None]
+    p = _swish_gate_params(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = expert_ffn(g, p, ffn, expert=0)[:, 0]
+        grads = expert_ffn_vjp(g, p, ffn, np.ones_like(g), expert=0)
+    b = ffn.swish_beta
+    gl = g[:, 0].astype(np.longdouble)
+    s = scipy_expit(b * gl)
+    want, want_grad = gl * s, s + b * gl * s * (1 - s)
+    cap = math.floor(math.log(float(np.finfo(dtype).max)))  # e^{-beta h} is capped at e^{cap}
+    ordinary = b * gl >= -cap
+    eps = float(np.finfo(dtype).eps)
+    rel = np.abs(got[ordinary] - want[ordinary]) / np.maximum(np.abs(want[ordinary]), np.finfo(dtype).tiny)
+    # exp(-beta h) has condition number |beta h|: the rounding of beta h costs that many ulp
+    assert np.all(rel < eps * (8 + 2 * np.abs(b * gl[ordinary]))), (g[ordinary, 0], got[ordinary], want[ordinary])
+    assert np.all(np.abs(got[~ordinary]) <= np.abs(gl[~ordinary]) * 1.01 * math.exp(-cap))  # absolute, far below tiny * |h|
+    assert np.all(np.isfinite(grads.x)) and np.all(np.isfinite(grads.params.w_in))
+    assert_close(grads.x[:, 0].astype(np.float64), want_grad.astype(np.float64), rtol=8 * eps, atol=4 * eps)
+
+
+def test_finiteness_check_names_the_parameter_and_accepts_huge_finite_weights(rng):
+    x = rng.normal(size=(5, 4))
+    p = make_params(rng, 2, 4, 3, SWIGLU)
+    for field in ("w_in", "w_out", "b_in", "b_out"):
+        a = getattr(p, field).copy()
+        a.flat[-1] = -np.inf
+        with pytest.raises(ValueError, match=f"params.{field} contains NaN or infinite values"):
+            expert_ffn(x, p._replace(**{field: a}), SWIGLU, expert=0)
+    huge = p._replace(w_out=np.full_like(p.w_out, 1e308))  # column sums overflow; every value is finite
+    with np.errstate(over="ignore"):
+        expert_ffn(x, huge, SWIGLU, expert=0)
 
 
 # --------------------------------------------------------------------------------------------
