@@ -49,7 +49,7 @@ from .core import (
     softmax,
     softmax_vjp,
     softplus,
-    take_along_axis,
+    _take_along_axis,
     top_k,
 )
 from .router import _check_scalar_cotangent
@@ -829,7 +829,7 @@ def _vmoe_load_forward(logits: Any, draws: NoisyTopKDraws, k: int, noise_std: fl
     noisy = logits + noise_std * draws.normal  # (T, E)  the router's noisy logits
     _, index = top_k(noisy, k, axis=-1)  # (T, k)
     j = index[:, k - 1 : k]  # (T, 1)
-    threshold = take_along_axis(noisy, j, axis=-1)  # (T, 1)  k-th largest noisy logit
+    threshold = _take_along_axis(noisy, j, axis=-1)  # (T, 1)  k-th largest noisy logit
     w = (logits - threshold) / noise_std  # (T, E)
     return _VMoELoad(w, j, _per_group_sum(normal_cdf(w), Tg) / Tg)
 

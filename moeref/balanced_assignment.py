@@ -28,8 +28,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, inverse_permutation, take_along_axis, top_k
-from .validation import check_arrays, check_float_array, check_positive_int, check_record_type, concrete_bool
+from .core import _inverse_permutation, _take_along_axis, array_namespace, device_of, top_k
+from .validation import (
+    check_array,
+    check_arrays,
+    check_float_array,
+    check_index_range,
+    check_int_array,
+    check_positive_int,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "AuctionOptions",
@@ -121,19 +131,36 @@ def positions_in_expert(expert_index: Any, num_experts: int) -> Any:
     """Rank of each token among the tokens routed to the same expert, in token order (int64, shape (T,)).
 
     Built on a stable sort by expert and a ``searchsorted`` of the block starts (no scatter).
+    ``expert_index``: integer, shape (T,), entries in ``[0, num_experts)``.
     """
     xp = array_namespace(expert_index, names=("expert_index",))
+    check_int_array(expert_index, "expert_index", ndim=1)
+    E = check_positive_int(num_experts, "num_experts")
+    check_index_range(expert_index, "expert_index", E, what=f"num_experts={E} experts were given")
+    return _positions_in_expert(expert_index, E, xp)
+
+
+def _positions_in_expert(expert_index: Any, num_experts: int, xp: Any) -> Any:
+    """[`positions_in_expert`][moeref.balanced_assignment.positions_in_expert] without argument checks."""
     e = xp.astype(expert_index, xp.int64)
     order = xp.astype(xp.argsort(e, stable=True), xp.int64)  # (T,) token order grouped by expert
     starts = xp.searchsorted(xp.take(e, order, axis=0), xp.arange(num_experts, dtype=xp.int64, device=device_of(e)))  # (E,)
-    rank_in_sort = inverse_permutation(order)  # (T,)
+    rank_in_sort = _inverse_permutation(order)  # (T,)
     return rank_in_sort - xp.take(xp.astype(starts, xp.int64), e, axis=0)
 
 
 def assignment_value(affinities: Any, expert_index: Any) -> Any:
-    r"""$\sum_t a_{t\sigma(t)}$, the total affinity of an assignment (0-d array)."""
-    xp = array_namespace(affinities, expert_index, names=("affinities", "expert_index"))
-    chosen = take_along_axis(affinities, xp.astype(expert_index, xp.int64)[:, None], axis=1)  # (T, 1)
+    r"""$\sum_t a_{t\sigma(t)}$, the total affinity of an assignment (0-d array).
+
+    ``affinities`` (T, E), finite; ``expert_index`` integer (T,) in ``[0, E)`` (any assignment,
+    balanced or not).
+    """
+    xp = _check_affinities(affinities, expert_index=expert_index)
+    T, E = affinities.shape
+    check_int_array(expert_index, "expert_index", ndim=1)
+    check_shape(expert_index, "expert_index", (T,), what=f"affinities has T={T} rows, one expert per token")
+    check_index_range(expert_index, "expert_index", E, what=f"affinities has E={E} columns")
+    chosen = _take_along_axis(affinities, xp.astype(expert_index, xp.int64)[:, None], axis=1)  # (T, 1)
     return xp.sum(chosen)
 
 
@@ -141,18 +168,30 @@ def dual_bound(affinities: Any, prices: Any) -> Any:
     r"""$U(\lambda) = \sum_t \max_e (a_{te} - \lambda_e) + \frac{T}{E}\sum_e \lambda_e$, an upper bound on the optimal value.
 
     Weak duality: for any balanced $\sigma$, $\sum_t a_{t\sigma(t)} = \sum_t (a_{t\sigma(t)} -
-    \lambda_{\sigma(t)}) + C\sum_e\lambda_e \le U(\lambda)$, whatever the prices.
+    \lambda_{\sigma(t)}) + C\sum_e\lambda_e \le U(\lambda)$, whatever the prices. ``affinities`` (T, E)
+    with $E$ dividing $T$, ``prices`` (E,), both finite.
     """
-    xp = array_namespace(affinities, prices, names=("affinities", "prices"))
+    xp = _check_affinities(affinities, prices=prices)
     T, E = affinities.shape
+    _check_balanced(T, E)
+    check_float_array(prices, "prices", ndim=1)
+    check_shape(prices, "prices", (E,), what=f"affinities has E={E} columns, one price per expert")
     return xp.sum(xp.max(affinities - prices, axis=1)) + (T // E) * xp.sum(prices)
 
 
-def _check(affinities: Any, options: Any) -> tuple[Any, int, int]:
-    check_record_type(options, "options", AuctionOptions)
-    xp = check_arrays({"affinities": affinities})
+def _check_affinities(affinities: Any, **more: Any) -> Any:
+    """``affinities`` (T, E): real floating, finite, one library with the ``more`` arrays. Returns the namespace."""
+    check_array(affinities, "affinities")
+    for name, a in more.items():
+        check_array(a, name)
+    array_namespace(affinities, *more.values(), names=("affinities", *more))
+    floats = {name: a for name, a in more.items() if name != "expert_index"}
+    xp = check_arrays({"affinities": affinities, **floats})
     check_float_array(affinities, "affinities", ndim=2)
-    T, E = affinities.shape
+    return xp
+
+
+def _check_balanced(T: int, E: int) -> None:
     if T < 1 or E < 1:
         raise ValueError(f"affinities must have at least one token and one expert, got shape ({T}, {E})")
     if T % E != 0:
@@ -160,6 +199,13 @@ def _check(affinities: Any, options: Any) -> tuple[Any, int, int]:
             f"affinities has T={T} tokens, not divisible by E={E} experts: a balanced assignment gives every expert "
             f"exactly T/E tokens (pad or drop {T % E} tokens, or route greedily)"
         )
+
+
+def _check(affinities: Any, options: Any) -> tuple[Any, int, int]:
+    check_record_type(options, "options", AuctionOptions)
+    xp = _check_affinities(affinities)
+    T, E = affinities.shape
+    _check_balanced(T, E)
     return xp, T, E
 
 
@@ -221,14 +267,14 @@ def _round(a: Any, state: _State, eps: float, xp: Any) -> _State:
     dev = device_of(a)
     price, expert, slot = state
     slot_order = xp.astype(xp.argsort(price, axis=1, stable=True), xp.int64)  # (E, C) cheapest slot first
-    q = take_along_axis(price, slot_order, axis=1)  # (E, C) sorted slot prices
+    q = _take_along_axis(price, slot_order, axis=1)  # (E, C) sorted slot prices
     lam = q[:, 0]  # (E,) expert price = its cheapest slot
 
     # bids: best expert e* and the best value outside it; bid = a_te* - w_t + eps (at least lam_e* + eps)
     values, best = top_k(a - lam, 2)  # (T, 2) each; ties -> lower expert index
     target = best[:, 0]  # (T,)
     lam_t = xp.take(lam, target, axis=0)  # (T,)
-    bid = xp.maximum(take_along_axis(a, target[:, None], axis=1)[:, 0] - values[:, 1] + eps, lam_t + eps)  # (T,)
+    bid = xp.maximum(_take_along_axis(a, target[:, None], axis=1)[:, 0] - values[:, 1] + eps, lam_t + eps)  # (T,)
 
     # rank the bidders of each expert: by expert, then highest bid, then lower token index
     unassigned = expert < 0  # (T,)
@@ -248,11 +294,11 @@ def _round(a: Any, state: _State, eps: float, xp: Any) -> _State:
     offered = xp.reshape(offered, (E, C))  # (E, C)
     won = (j < count[:, None]) & (offered >= q + eps)  # (E, C), a prefix of each row
     slot_inverse = xp.astype(xp.argsort(slot_order, axis=1, stable=True), xp.int64)  # (E, C)
-    new_price = take_along_axis(xp.where(won, offered, q), slot_inverse, axis=1)  # (E, C)
-    rebid = xp.reshape(take_along_axis(won, slot_inverse, axis=1), (E * C,))  # (E*C,) slot got a new owner
+    new_price = _take_along_axis(xp.where(won, offered, q), slot_inverse, axis=1)  # (E, C)
+    rebid = xp.reshape(_take_along_axis(won, slot_inverse, axis=1), (E * C,))  # (E*C,) slot got a new owner
 
     # token side: winners take their slot; holders of a re-bid slot are evicted
-    rank = inverse_permutation(order) - xp.take(start, xp.clip(key, 0, E - 1), axis=0)  # (T,)
+    rank = _inverse_permutation(order) - xp.take(start, xp.clip(key, 0, E - 1), axis=0)  # (T,)
     rank_c = xp.clip(rank, 0, C - 1)  # (T,)
     flat_target = xp.clip(key, 0, E - 1) * C + rank_c  # (T,)
     wins = unassigned & (rank < C) & xp.take(xp.reshape(won, (E * C,)), flat_target, axis=0)  # (T,)
@@ -282,7 +328,7 @@ def _keep_satisfied(a: Any, state: _State, eps: float, xp: Any) -> _State:
     price = xp.broadcast_to(lam[:, None], (E, C))  # (E, C) every slot at its expert's price
     value = a - lam  # (T, E)
     e = xp.clip(expert, 0, E - 1)  # (T,)
-    own = take_along_axis(value, e[:, None], axis=1)[:, 0]  # (T,)
+    own = _take_along_axis(value, e[:, None], axis=1)[:, 0]  # (T,)
     is_own = xp.arange(E, dtype=xp.int64, device=device_of(a))[None, :] == e[:, None]  # (T, E)
     outside = xp.max(xp.where(is_own, xp.full_like(value, -math.inf), value), axis=1)  # (T,)
     ok = (expert >= 0) & (own >= outside - eps)  # (T,)
@@ -410,4 +456,4 @@ def balanced_assignment(affinities: Any, options: AuctionOptions = AuctionOption
             rounds += 1
     price = state.price
     expert_index = state.expert
-    return BalancedAssignment(expert_index, positions_in_expert(expert_index, E), xp.min(price, axis=1), final, rounds)
+    return BalancedAssignment(expert_index, _positions_in_expert(expert_index, E, xp), xp.min(price, axis=1), final, rounds)

@@ -21,12 +21,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .balanced_assignment import AuctionOptions, BalancedAssignment, balanced_assignment, positions_in_expert
-from .core import argmax, device_of, segment_sum, sigmoid, take_along_axis
+from .balanced_assignment import AuctionOptions, BalancedAssignment, _positions_in_expert, balanced_assignment
+from .core import _segment_sum, _take_along_axis, argmax, array_namespace, device_of, sigmoid
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import RELU_FFN, ExpertFFN, ExpertFFNParams, check_expert_ffn_params
 from .routes import Routes
-from .validation import check_arrays, check_float_array, check_record_type, check_shape, concrete_bool
+from .validation import (
+    check_cotangent,
+    check_arrays,
+    check_float_array,
+    check_index_range,
+    check_int_array,
+    check_record_type,
+    check_shape,
+)
 
 __all__ = [
     "BaseLayerParams",
@@ -135,11 +143,10 @@ def _check(x: Any, params: Any, options: Any, training: Any, expert_index: Any) 
     if E_ffn != E:
         raise ValueError(f"params.experts has E={E_ffn} experts but params.centroids has E={E} rows (shape (E, d))")
     if expert_index is not None:
-        if not xp.isdtype(expert_index.dtype, "integral"):
-            raise TypeError(f"expert_index must have an integer dtype, got {expert_index.dtype}")
+        array_namespace(x, expert_index, names=("x", "expert_index"))
+        check_int_array(expert_index, "expert_index", ndim=1)
         check_shape(expert_index, "expert_index", (T,), what=f"one expert per token, x has T={T} tokens")
-        if concrete_bool(xp.any((expert_index < 0) | (expert_index >= E))) is True:
-            raise ValueError(f"expert_index must lie in [0, {E}) (params.centroids has E={E} rows)")
+        check_index_range(expert_index, "expert_index", E, what=f"params.centroids has E={E} rows")
     elif training and T % E != 0:
         raise ValueError(
             f"x has T={T} tokens, not divisible by E={E} experts (rows of params.centroids): the balanced assignment "
@@ -165,13 +172,13 @@ def _route(x: Any, params: BaseLayerParams, options: BaseLayerOptions, training:
         else:
             expert_index = argmax(affinities, axis=1)  # (T,) greedy top-1, ties to the lower index
     e = xp.astype(expert_index, xp.int64)  # (T,)
-    alpha = sigmoid(take_along_axis(affinities, e[:, None], axis=1)[:, 0])  # (T,)
+    alpha = sigmoid(_take_along_axis(affinities, e[:, None], axis=1)[:, 0])  # (T,)
     T = x.shape[0]
     routes = Routes(
         expert_index=e[:, None],
         weight=alpha[:, None],
         kept=xp.ones((T, 1), dtype=xp.bool, device=device_of(x)),
-        position=positions_in_expert(e, E)[:, None],
+        position=_positions_in_expert(e, E, xp)[:, None],
     )
     return _Routing(affinities, alpha, routes, assignment)
 
@@ -301,7 +308,7 @@ def base_layer_vjp(
     BaseLayerGrads
     """
     xp, E = _check(x, params, options, training, expert_index)
-    check_shape(cotangent, "cotangent", tuple(x.shape), what="the layer output, (T, d)")
+    check_cotangent(cotangent, tuple(x.shape), like=x, what="the layer output, (T, d)")
     check_arrays({"x": x, "cotangent": cotangent})
     r = _route(x, params, options, training, expert_index, E, xp)
     dg = dispatch_combine_vjp(x, r.routes, params.experts, options.ffn, cotangent)
@@ -310,5 +317,5 @@ def base_layer_vjp(
     s_bar = alpha_bar * alpha * (1.0 - alpha)  # (T,)
     e = r.routes.expert_index[:, 0]  # (T,)
     x_bar = dg.x + (1.0 - alpha)[:, None] * cotangent + s_bar[:, None] * xp.take(params.centroids, e, axis=0)  # (T, d)
-    c_bar = segment_sum(s_bar[:, None] * x, e, E)  # (E, d)
+    c_bar = _segment_sum(s_bar[:, None] * x, e, E)  # (E, d)
     return BaseLayerGrads(x=x_bar, params=BaseLayerParams(centroids=c_bar, experts=dg.experts))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from .core import device_of, inverse_permutation
+from .core import device_of, _inverse_permutation
 from .routes import Routes, check_routes
 from .validation import (
     check_arrays,
@@ -521,7 +521,7 @@ def apply_capacity(
     sorted_seg = xp.take(segment, order, axis=0)  # (N,) ascending
     seg_start = xp.searchsorted(sorted_seg, (sorted_seg // 2) * 2, side="left")  # first route of (group, expert)
     slot_sorted = xp.arange(N, dtype=xp.int64, device=dev) - xp.astype(seg_start, xp.int64)  # (N,)
-    position = xp.reshape(xp.take(slot_sorted, inverse_permutation(order), axis=0), (T, k))  # (T, k)
+    position = xp.reshape(xp.take(slot_sorted, _inverse_permutation(order), axis=0), (T, k))  # (T, k)
 
     # --- loads and capacity ------------------------------------------------------------
     grid = xp.arange(G * E, dtype=xp.int64, device=dev) * 2  # live segment of each (group, expert)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .core import array_namespace, device_of, softmax, softmax_vjp
 from .em import EmptyComponentError
-from .validation import check_arrays, check_float_array, check_record_type, check_shape, concrete_bool
+from .validation import check_arrays, check_cotangent, check_float_array, check_record_type, check_shape, concrete_bool
 
 __all__ = ["ConstantGateParams", "ConstantGate"]
 
@@ -113,7 +113,7 @@ class ConstantGate:
         """
         xp = self._check(params, x)
         w = params.weights
-        check_shape(cotangent, "cotangent", (x.shape[0], w.shape[0]))
+        check_cotangent(cotangent, (x.shape[0], w.shape[0]), like=x)
         c = xp.sum(cotangent, axis=0)  # (K,)
         positive = w > 0
         first = xp.where(positive, c / xp.where(positive, w, xp.ones_like(w)), xp.zeros_like(w))

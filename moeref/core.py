@@ -62,17 +62,20 @@ def _library_name(x: Any) -> str:
     return name.split(".")[0]
 
 
-def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None, xp: Any = None) -> Any:
+def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None, xp: Any = None, allow_none: bool = True) -> Any:
     """The array-API namespace shared by ``arrays``, with errors that name the culprits.
 
     Parameters
     ----------
     *arrays
-        Arrays (``None`` entries are ignored).
+        Arrays (``None`` entries are ignored: optional arguments; but if every one is ``None`` the
+        error names them).
     names
         Argument names for ``arrays``, used in error messages.
     xp
         An explicit namespace; returned unchanged when given.
+    allow_none
+        With ``False``, a ``None`` entry is an error that names its argument (required arrays).
 
     Returns
     -------
@@ -90,6 +93,12 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None, xp: Any 
         return xp
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
     present = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    if not allow_none and len(present) < len(arrays):
+        missing = next(n for n, a in zip(names, arrays) if a is None)
+        raise TypeError(f"{missing} must be an array, got None")
+    if arrays and not present:
+        which = names[0] if len(arrays) == 1 else f"one of {', '.join(names[:len(arrays)])}"
+        raise TypeError(f"{which} must be an array, got None")
     libraries: dict[str, list[str]] = {}
     for name, a in present:
         if not array_api_compat.is_array_api_obj(a) or isinstance(a, (int, float, complex, bool)):
@@ -108,7 +117,18 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None, xp: Any 
 
 def device_of(x: Any) -> Any:
     """The device ``x`` lives on (``array_api_compat.device``)."""
-    return array_api_compat.device(x)
+    try:
+        return array_api_compat.device(x)
+    except AttributeError:
+        got = "None" if x is None else f"{type(x).__module__}.{type(x).__name__}"
+        raise TypeError(f"x must be an array (NumPy, CuPy, PyTorch, JAX or array-api-strict), got {got}") from None
+
+
+def _float_namespace(x: Any, name: str = "x") -> Any:
+    """The namespace of ``x``, checked to be a real floating-point array (bool / int give a TypeError naming ``name``)."""
+    xp = array_namespace(x, names=(name,))
+    _validation.check_float_array(x, name, xp=xp)
+    return xp
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +160,7 @@ def logsumexp(x: Any, /, *, axis: int = -1, keepdims: bool = False) -> Any:
     A row whose entries are all $-\infty$ gives $-\infty$ (not NaN); a $+\infty$ entry gives
     $+\infty$; NaN propagates. The gradient is [`softmax`][moeref.core.softmax].
     """
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     m, log_s = _shift_and_log_sum(x, axis, xp)
     out = m + log_s
     return out if keepdims else xp.squeeze(out, axis=axis)
@@ -151,7 +171,7 @@ def softmax(x: Any, /, *, axis: int = -1) -> Any:
 
     A row of all $-\infty$ is mapped to all zeros (no probability mass) instead of NaN.
     """
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     e = xp.exp(x - _finite_max(x, axis))
     s = xp.sum(e, axis=axis, keepdims=True)
     return e / xp.where(s > 0, s, xp.ones_like(s))
@@ -162,19 +182,33 @@ def log_softmax(x: Any, /, *, axis: int = -1) -> Any:
 
     Entries equal to $-\infty$ stay $-\infty$, also in an all-$-\infty$ row (never NaN).
     """
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     m, log_s = _shift_and_log_sum(x, axis, xp)
     # an all -inf row has log_s = -inf; subtracting 0 there keeps its entries at -inf (no NaN)
     out = (x - m) - xp.where(xp.isfinite(log_s), log_s, xp.zeros_like(log_s))
     return xp.where(xp.isinf(x) & (x < 0), x, out)
 
 
+def _check_softmax_vjp_args(p: Any, cotangent: Any) -> Any:
+    xp = array_namespace(p, cotangent, names=("p", "cotangent"), allow_none=False)
+    _validation.check_float_array(p, "p", xp=xp)
+    _validation.check_float_array(cotangent, "cotangent", xp=xp)
+    _validation.check_shape(cotangent, "cotangent", tuple(p.shape), what="the shape of p")
+    return xp
+
+
 def softmax_vjp(p: Any, cotangent: Any, /, *, axis: int = -1) -> Any:
     r"""VJP of $p = \sigma(z)$ with respect to $z$, from the forward output $p$.
 
     $$\bar z_j = p_j \Big(\bar p_j - \sum_l p_l \bar p_l\Big).$$
+
+    ``p`` and ``cotangent`` must have one shape (no broadcasting); NaN propagates.
     """
-    xp = array_namespace(p, cotangent)
+    return _softmax_vjp(p, cotangent, axis, _check_softmax_vjp_args(p, cotangent))
+
+
+def _softmax_vjp(p: Any, cotangent: Any, axis: int, xp: Any) -> Any:
+    """[`softmax_vjp`][moeref.core.softmax_vjp] without argument checks (internal callers)."""
     return p * (cotangent - xp.sum(p * cotangent, axis=axis, keepdims=True))
 
 
@@ -182,8 +216,14 @@ def log_softmax_vjp(p: Any, cotangent: Any, /, *, axis: int = -1) -> Any:
     r"""VJP of $\log\sigma(z)$ with respect to $z$, from $p = \sigma(z)$.
 
     $$\bar z_j = \bar\ell_j - p_j \sum_l \bar\ell_l .$$
+
+    ``p`` and ``cotangent`` must have one shape (no broadcasting); NaN propagates.
     """
-    xp = array_namespace(p, cotangent)
+    return _log_softmax_vjp(p, cotangent, axis, _check_softmax_vjp_args(p, cotangent))
+
+
+def _log_softmax_vjp(p: Any, cotangent: Any, axis: int, xp: Any) -> Any:
+    """[`log_softmax_vjp`][moeref.core.log_softmax_vjp] without argument checks (internal callers)."""
     return cotangent - p * xp.sum(cotangent, axis=axis, keepdims=True)
 
 
@@ -194,25 +234,26 @@ def log_softmax_vjp(p: Any, cotangent: Any, /, *, axis: int = -1) -> Any:
 
 def softplus(x: Any, /) -> Any:
     r"""$\operatorname{softplus}(x) = \log(1 + e^x)$, computed as $\max(x,0) + \log(1 + e^{-|x|})$."""
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     return xp.maximum(x, xp.zeros_like(x)) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def sigmoid(x: Any, /) -> Any:
     r"""Logistic function $1 / (1 + e^{-x})$, without overflow for either sign of $x$."""
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     e = xp.exp(-xp.abs(x))  # in (0, 1]
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def log_sigmoid(x: Any, /) -> Any:
     r"""$\log \operatorname{sigmoid}(x) = -\operatorname{softplus}(-x)$."""
+    _float_namespace(x)
     return -softplus(-x)
 
 
 def relu(x: Any, /) -> Any:
     r"""$\max(x, 0)$; its derivative at 0 is taken as 0."""
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     return xp.maximum(x, xp.zeros_like(x))
 
 
@@ -254,7 +295,7 @@ def erfc(x: Any, /) -> Any:
     fraction (200 terms) for $|x| \ge 1$, so the tail $\operatorname{erfc}(x) \approx e^{-x^2}/(x\sqrt\pi)$
     keeps full relative precision (agrees with `scipy.special.erfc` to a few ulp in float64).
     """
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     a = xp.abs(x)
     small = a < _ERF_SWITCH
     a_small = xp.where(small, a, xp.zeros_like(a))
@@ -266,7 +307,7 @@ def erfc(x: Any, /) -> Any:
 
 def erf(x: Any, /) -> Any:
     r"""Error function $\operatorname{erf}(x) = \frac{2}{\sqrt\pi}\int_0^x e^{-t^2}\,dt$ (pure array-API)."""
-    xp = array_namespace(x)
+    xp = _float_namespace(x)
     a = xp.abs(x)
     small = a < _ERF_SWITCH
     a_small = xp.where(small, a, xp.zeros_like(a))
@@ -277,11 +318,13 @@ def erf(x: Any, /) -> Any:
 
 def normal_cdf(x: Any, /) -> Any:
     r"""Standard normal CDF $\Phi(x) = \tfrac12 \operatorname{erfc}(-x/\sqrt2)$ (accurate in both tails)."""
+    _float_namespace(x)
     return 0.5 * erfc(-x / math.sqrt(2.0))
 
 
 def normal_logpdf(x: Any, /) -> Any:
     r"""Standard normal log-density $-\tfrac12 x^2 - \tfrac12\log(2\pi)$."""
+    _float_namespace(x)
     return -0.5 * x * x - 0.5 * math.log(2.0 * math.pi)
 
 
@@ -291,8 +334,13 @@ def normal_logpdf(x: Any, /) -> Any:
 
 
 def one_hot(indices: Any, num_classes: int, /, *, dtype: Any) -> Any:
-    """``out[..., j] = 1`` where ``indices[...] == j``, else 0; shape ``indices.shape + (num_classes,)``."""
-    xp = array_namespace(indices)
+    """``out[..., j] = 1`` where ``indices[...] == j``, else 0; shape ``indices.shape + (num_classes,)``.
+
+    ``indices`` must be an integer array; an index outside ``[0, num_classes)`` gives an all-zero row.
+    """
+    xp = array_namespace(indices, names=("indices",))
+    _validation.check_int_array(indices, "indices")
+    num_classes = _validation.check_positive_int(num_classes, "num_classes")
     classes = xp.arange(num_classes, dtype=indices.dtype, device=device_of(indices))
     return xp.astype(indices[..., None] == classes, dtype)
 
@@ -302,24 +350,33 @@ def top_k(x: Any, k: int, /, *, axis: int = -1) -> tuple[Any, Any]:
 
     **Tie rule: the lower index wins.** Among equal values the entry with the smaller index comes
     first (and is kept when the tie straddles position ``k``). Built on a stable ascending sort of
-    ``-x``, so the order is the same on every backend. Indices are int64.
+    ``-x``, so the order is the same on every backend. Indices are int64. Integer and boolean
+    arrays are ordered too (``True > False``).
 
     Returns
     -------
     values, indices : arrays with ``x.shape`` except ``k`` along ``axis``
     """
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=("x",))
+    k = _validation.check_int(k, "k")
     n = x.shape[axis]
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and {n} (the size of axis {axis}), got {k}")
-    order = xp.argsort(-x, axis=axis, stable=True)
+    return _top_k(x, k, axis, xp)
+
+
+def _top_k(x: Any, k: int, axis: int, xp: Any) -> tuple[Any, Any]:
+    # negation does not order booleans or unsigned integers: sort a signed copy of those
+    signed = xp.isdtype(x.dtype, ("real floating", "signed integer"))
+    key = x if signed else xp.astype(x, xp.int64)
+    order = xp.argsort(-key, axis=axis, stable=True)
     idx = xp.astype(_slice_axis(order, k, axis), xp.int64)
-    return take_along_axis(x, idx, axis=axis), idx
+    return xp.take_along_axis(x, idx, axis=axis), idx
 
 
 def argmax(x: Any, /, *, axis: int = -1) -> Any:
     """Index of the maximum along ``axis``; ties go to the lower index (int64)."""
-    xp = array_namespace(x)
+    xp = array_namespace(x, names=("x",))
     _, idx = top_k(x, 1, axis=axis)
     return xp.squeeze(idx, axis=axis)
 
@@ -331,15 +388,47 @@ def _slice_axis(x: Any, k: int, axis: int) -> Any:
 
 
 def take_along_axis(x: Any, indices: Any, /, *, axis: int = -1) -> Any:
-    """Gather ``x`` at ``indices`` along ``axis`` (array API 2024.12 ``take_along_axis``)."""
-    xp = array_namespace(x)
+    """Gather ``x`` at ``indices`` along ``axis`` (array API 2024.12 ``take_along_axis``).
+
+    ``indices`` is an integer array of the rank of ``x`` with entries in ``[0, x.shape[axis])``
+    (negative indices are refused: libraries disagree on them); its other axes match those of
+    ``x`` or have size 1 (broadcasting). Checked in O(size of ``indices``).
+    """
+    xp = array_namespace(x, indices, names=("x", "indices"), allow_none=False)
+    _validation.check_int_array(indices, "indices")
+    if indices.ndim != x.ndim:
+        raise ValueError(f"indices must have the rank of x ({x.ndim}), got shape {tuple(indices.shape)} for x of shape {tuple(x.shape)}")
+    ax = axis % x.ndim if x.ndim else 0
+    if any(a != b and 1 not in (a, b) for d, (a, b) in enumerate(zip(x.shape, indices.shape)) if d != ax):
+        raise ValueError(f"indices has shape {tuple(indices.shape)} but x has shape {tuple(x.shape)}: "
+                         f"the axes other than axis {axis} must match (or be 1)")
+    _validation.check_index_range(indices, "indices", x.shape[axis], what=f"x has {x.shape[axis]} entries along axis {axis}")
     return xp.take_along_axis(x, indices, axis=axis)
 
 
+def _take_along_axis(x: Any, indices: Any, axis: int = -1) -> Any:
+    """[`take_along_axis`][moeref.core.take_along_axis] without argument checks (internal callers)."""
+    return array_namespace(x).take_along_axis(x, indices, axis=axis)
+
+
 def inverse_permutation(perm: Any, /) -> Any:
-    """The permutation ``inv`` with ``inv[perm[i]] = i``, computed by a sort (no scatter)."""
+    """The permutation ``inv`` with ``inv[perm[i]] = i``, computed by a sort (no scatter).
+
+    ``perm``: an integer array holding a permutation of ``0..n-1`` along its last axis (a batch of
+    permutations is inverted row by row). Anything else (a repeated or out-of-range entry) is refused:
+    the check reads the sorted ``perm`` through ``inv``, O(n) on top of the sort.
+    """
+    array_namespace(perm, names=("perm",))
+    _validation.check_int_array(perm, "perm")
+    inv = _inverse_permutation(perm)
+    _validation.check_permutation(perm, "perm", inverse=inv)
+    return inv
+
+
+def _inverse_permutation(perm: Any) -> Any:
+    """[`inverse_permutation`][moeref.core.inverse_permutation] without the permutation check (internal hot paths)."""
     xp = array_namespace(perm)
-    return xp.astype(xp.argsort(perm, stable=True), xp.int64)
+    return xp.astype(xp.argsort(perm, axis=-1, stable=True), xp.int64)
 
 
 def segment_sum(values: Any, segment_ids: Any, num_segments: int, /) -> Any:
@@ -357,12 +446,25 @@ def segment_sum(values: Any, segment_ids: Any, num_segments: int, /) -> Any:
     ----------
     values : array, shape (n, ...)
     segment_ids : integer array, shape (n,), entries in ``[0, num_segments)``
+        An id outside that range is refused (it would silently lose its row).
     num_segments : int
 
     Returns
     -------
     array, shape (num_segments, ...)
     """
+    array_namespace(values, segment_ids, names=("values", "segment_ids"), allow_none=False)
+    num_segments = _validation.check_positive_int(num_segments, "num_segments", minimum=0)
+    _validation.check_int_array(segment_ids, "segment_ids", ndim=1)
+    if values.ndim == 0 or values.shape[0] != segment_ids.shape[0]:
+        raise ValueError(f"values has shape {tuple(values.shape)} but segment_ids has shape {tuple(segment_ids.shape)}: "
+                         "one segment id per row of values was expected")
+    _validation.check_index_range(segment_ids, "segment_ids", num_segments, what=f"num_segments={num_segments} segments were given")
+    return _segment_sum(values, segment_ids, num_segments)
+
+
+def _segment_sum(values: Any, segment_ids: Any, num_segments: int) -> Any:
+    """[`segment_sum`][moeref.core.segment_sum] without argument checks (ids known to be in range)."""
     xp = array_namespace(values, segment_ids)
     n = values.shape[0]
     dev = device_of(values)
@@ -393,9 +495,23 @@ def tree_add_scaled(params: Any, grads: Any, step: float) -> Any:
     """``params + step * grads`` leaf by leaf over nested tuples / NamedTuples (no mutation).
 
     The update of plain gradient ascent (``step > 0``) or descent (``step < 0``) on a parameter record.
+    ``grads`` must have the structure of ``params`` (record types, ``None`` leaves, array shapes and
+    library); NaN propagates.
     """
+    _validation.check_same_tree(grads, params, "grads", "params")
+    return _tree_add_scaled(params, grads, step)
+
+
+def _tree_add_scaled(params: Any, grads: Any, step: float) -> Any:
+    """[`tree_add_scaled`][moeref.core.tree_add_scaled] without the structure check (internal update loops)."""
+    if params is None:
+        return None
     if isinstance(params, tuple):
-        return type(params)(*(tree_add_scaled(p, g, step) for p, g in zip(params, grads))) if hasattr(params, "_fields") else tuple(
-            tree_add_scaled(p, g, step) for p, g in zip(params, grads)
-        )
+        leaves = (_tree_add_scaled(p, g, step) for p, g in zip(params, grads))
+        return type(params)(*leaves) if hasattr(params, "_fields") else tuple(leaves)
     return params + step * grads
+
+
+# Imported last: validation imports array_namespace and device_of from this module; the
+# primitives above use it at call time only.
+from . import validation as _validation  # noqa: E402

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
-from .core import array_namespace, relu
-from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
-from .gates import LinearSoftmaxGateParams, linear_softmax_gate, linear_softmax_gate_vjp
-from .mixture import mixture, mixture_vjp
-from .validation import check_float_array, check_same_dtype, check_shape
+from .core import array_namespace, relu, softmax
+from .experts import LinearExpertsParams, _linear_experts, _linear_experts_vjp
+from .gates import LinearSoftmaxGateParams, _gate_vjp, _logits
+from .mixture import _mixture, _mixture_vjp
+from .validation import check_cotangent, check_finite, check_float_array, check_same_dtype, check_shape
 
 __all__ = [
     "DeepMoELayerParams",
@@ -129,8 +129,16 @@ def _check_layer(x: Any, params: DeepMoELayerParams) -> Any:
     xp = array_namespace(x, *params, names=names)
     check_float_array(x, "x", ndim=2)
     _check_layer_params(params, x.shape[1], "params", f"x has d_in={x.shape[1]} features")
-    check_same_dtype({"x": x, **{f"params.{f}": a for f, a in zip(DeepMoELayerParams._fields, params)}})
+    named = {"x": x, **{f"params.{f}": a for f, a in zip(DeepMoELayerParams._fields, params)}}
+    check_same_dtype(named)
+    _check_finite(named)
     return xp
+
+
+def _check_finite(named: dict) -> None:
+    """Finite values everywhere; a gate bias may hold -inf (an expert switched off, as in moeref.gates)."""
+    for name, a in named.items():
+        check_finite(a, name, allow_neg_inf=name.endswith(".gate_bias"))
 
 
 def _check_stack(x: Any, params: Any) -> tuple[Any, list[int]]:
@@ -150,31 +158,30 @@ def _check_stack(x: Any, params: Any) -> tuple[Any, list[int]]:
         named.update({f"params[{l}].{f}": a for f, a in zip(DeepMoELayerParams._fields, p)})
     array_namespace(*named.values(), names=tuple(named))  # one array library for the whole stack
     check_same_dtype(named)
+    _check_finite(named)
     return xp, widths
 
 
 # --------------------------------------------------------------------------------------------
-# One layer: forward and backward cores (no validation of their own beyond the blocks')
+# One layer: forward and backward cores (no validation: the public functions check first)
 # --------------------------------------------------------------------------------------------
 
 
 def _layer_forward(xp: Any, x: Any, p: DeepMoELayerParams) -> _LayerForward:
     gate_pre = xp.matmul(x, p.gate_hidden_weight) + p.gate_hidden_bias  # (N, h)
     gate_hidden = relu(gate_pre)  # (N, h)
-    gates = linear_softmax_gate(gate_hidden, LinearSoftmaxGateParams(p.gate_weight, p.gate_bias))  # (N, n)
-    expert_pre = linear_experts(x, LinearExpertsParams(p.expert_weight, p.expert_bias))  # (N, n, d_out)
+    gates = softmax(_logits(gate_hidden, LinearSoftmaxGateParams(p.gate_weight, p.gate_bias), xp), axis=-1)  # (N, n)
+    expert_pre = _linear_experts(x, LinearExpertsParams(p.expert_weight, p.expert_bias), xp)  # (N, n, d_out)
     expert_out = relu(expert_pre)  # (N, n, d_out)
-    return _LayerForward(gate_pre, gate_hidden, gates, expert_pre, expert_out, mixture(gates, expert_out))  # out: (N, d_out)
+    return _LayerForward(gate_pre, gate_hidden, gates, expert_pre, expert_out, _mixture(gates, expert_out, xp))  # out: (N, d_out)
 
 
 def _layer_backward(xp: Any, x: Any, p: DeepMoELayerParams, fw: _LayerForward, cotangent: Any) -> DeepMoELayerGrads:
-    mix = mixture_vjp(fw.gates, fw.expert_out, cotangent)  # gates (N, n), expert_outputs (N, n, d_out)
+    mix = _mixture_vjp(fw.gates, fw.expert_out, cotangent, xp)  # gates (N, n), expert_outputs (N, n, d_out)
     # ReLU: derivative 1 where the pre-activation is > 0, and 0 elsewhere (also at 0)
     expert_pre_bar = xp.where(fw.expert_pre > 0, mix.expert_outputs, xp.zeros_like(mix.expert_outputs))
-    ex = linear_experts_vjp(x, LinearExpertsParams(p.expert_weight, p.expert_bias), expert_pre_bar)
-    gate = linear_softmax_gate_vjp(
-        fw.gate_hidden, LinearSoftmaxGateParams(p.gate_weight, p.gate_bias), mix.gates, gates=fw.gates
-    )
+    ex = _linear_experts_vjp(x, LinearExpertsParams(p.expert_weight, p.expert_bias), expert_pre_bar, xp)
+    gate = _gate_vjp(fw.gate_hidden, LinearSoftmaxGateParams(p.gate_weight, p.gate_bias), mix.gates, fw.gates, xp)
     gate_pre_bar = xp.where(fw.gate_pre > 0, gate.x, xp.zeros_like(gate.x))  # (N, h)
     x_bar = ex.x + xp.matmul(gate_pre_bar, xp.matrix_transpose(p.gate_hidden_weight))  # (N, d_in)
     return DeepMoELayerGrads(
@@ -278,7 +285,7 @@ def deep_moe_layer_vjp(x: Any, params: DeepMoELayerParams, cotangent: Any) -> De
     cotangent : array, shape (N, d_out)
     """
     xp = _check_layer(x, params)
-    check_shape(cotangent, "cotangent", (x.shape[0], params.expert_weight.shape[2]))
+    check_cotangent(cotangent, (x.shape[0], params.expert_weight.shape[2]), like=x, what="the shape of the layer's output (N, d_out)")
     fw = _layer_forward(xp, x, params)
     return _layer_backward(xp, x, params, fw, cotangent)
 
@@ -388,7 +395,7 @@ def deep_moe_vjp(x: Any, params: Sequence[DeepMoELayerParams], cotangent: Any) -
         one per layer, shaped like the forward's.
     """
     xp, widths = _check_stack(x, params)
-    check_shape(cotangent, "cotangent", (x.shape[0], widths[-1]), what=f"the last layer has d_out={widths[-1]}")
+    check_cotangent(cotangent, (x.shape[0], widths[-1]), like=x, what=f"the last layer has d_out={widths[-1]}")
     inputs = []
     caches = []
     z = x

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, inverse_permutation, one_hot
+from .core import array_namespace, device_of, _inverse_permutation, one_hot
 from .expert_ffn import (
     ExpertFFN,
     ExpertFFNParams,
@@ -182,7 +182,7 @@ def _plan(routes: Routes, E: int, xp: Any) -> _Plan:
     rows = order[:R]  # (R,)
     token = rows // k  # (R,)
     weight = xp.take(xp.reshape(routes.weight, (n,)), rows, axis=0)  # (R,)
-    inv = inverse_permutation(order)  # (T*k,) flat route -> sorted row
+    inv = _inverse_permutation(order)  # (T*k,) flat route -> sorted row
     combine_row = xp.reshape(xp.where(inv < R, inv, xp.full_like(inv, R)), (T, k))  # (T, k)
     return _Plan(bounds, token, weight, combine_row)
 

@@ -32,7 +32,7 @@ import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .core import array_namespace
-from .validation import check_choice, check_positive_int, concrete_bool
+from .validation import check_choice, check_finite, check_float_array, check_positive_int, concrete_bool
 
 __all__ = [
     "CRITERIA",
@@ -284,6 +284,8 @@ def first_true(flags: Any, /) -> int | None:
     """Index of the first true entry of a 1-D boolean array, ``None`` if none is (one host read per entry
     up to the first true one): names the component in a degeneracy error."""
     xp = array_namespace(flags, names=("flags",))
+    if flags.dtype != xp.bool or flags.ndim != 1:
+        raise TypeError(f"flags must be a 1-D boolean array, got dtype {flags.dtype} and shape {tuple(flags.shape)}")
     if not concrete_bool(xp.any(flags)):
         return None
     return next(k for k in range(flags.shape[0]) if concrete_bool(flags[k]))
@@ -298,10 +300,19 @@ def check_nonnegative_float(value: Any, name: str) -> float:
 
 
 def check_nonempty_components(weights: Any, min_weight: float) -> Any:
-    r"""$n_k = \sum_i w_{ik}$, shape (K,); raise `EmptyComponentError` if some $n_k = 0$ or $n_k / N$ < ``min_weight``."""
+    r"""$n_k = \sum_i w_{ik}$, shape (K,); raise `EmptyComponentError` if some $n_k = 0$ or $n_k / N$ < ``min_weight``.
+
+    ``weights``: a real floating (N, K) array; a NaN or infinity shows in its column's sum, so it is
+    refused at no extra cost (this runs inside every M-step).
+    """
     xp = array_namespace(weights, names=("weights",))
+    check_float_array(weights, "weights", ndim=2, xp=xp)
+    min_weight = check_nonnegative_float(min_weight, "min_weight")
     N, K = weights.shape
     n_k = xp.sum(weights, axis=0)  # (K,)
+    k = first_true(~xp.isfinite(n_k))
+    if k is not None:
+        raise ValueError(f"weights contains NaN or infinite values (column {k} sums to {float(n_k[k])})")
     k = first_true((n_k <= 0) | (n_k < min_weight * N))
     if k is not None:
         raise EmptyComponentError(
@@ -473,6 +484,8 @@ def check_loglik_trace(trace: Any, *, rtol: float = 2.220446049250313e-12, on_de
 def entropy(responsibilities: Any, /) -> float:
     r"""Classification entropy $\mathrm{EN}(\tau) = -\sum_{i}\sum_{k} \tau_{ik} \log \tau_{ik}$, $0 \log 0 = 0$."""
     xp = array_namespace(responsibilities, names=("responsibilities",))
+    check_float_array(responsibilities, "responsibilities", ndim=2, xp=xp)
+    check_finite(responsibilities, "responsibilities")
     tau = responsibilities
     positive = tau > 0
     safe = xp.where(positive, tau, xp.ones_like(tau))
@@ -514,6 +527,9 @@ def information_criteria(
     """
     check_positive_int(n_samples, "n_samples")
     check_positive_int(n_free_parameters, "n_free_parameters", minimum=0)
+    if isinstance(loglik, bool) or not isinstance(loglik, (int, float)) or not math.isfinite(loglik):
+        raise ValueError(f"loglik must be a finite Python float (the maximised log-likelihood), got {loglik!r}")
+    entropy_value = check_nonnegative_float(entropy_value, "entropy_value")
     aic = -2.0 * loglik + 2.0 * n_free_parameters
     bic = -2.0 * loglik + n_free_parameters * math.log(n_samples)
     return InformationCriteria(aic=aic, bic=bic, icl=bic + 2.0 * entropy_value, entropy=entropy_value)

@@ -116,6 +116,7 @@ def draw_uniforms(generator: Any, n_samples: int, *, like: Any) -> Any:
         )
     check_positive_int(n_samples, "n_samples")
     xp = array_namespace(like, names=("like",))
+    check_float_array(like, "like")
     raw = random((n_samples,))
     shape = tuple(getattr(raw, "shape", ()))
     if shape != (n_samples,):
@@ -161,6 +162,8 @@ def random_responsibilities(draws: Any, n_components: int, /, *, scheme: str = "
     check_float_array(draws, "draws", ndim=1)
     check_positive_int(n_components, "n_components")
     check_choice(scheme, "scheme", INIT_SCHEMES)
+    if concrete_bool(xp.all((draws >= 0) & (draws < 1))) is False:  # also refuses NaN and infinities
+        raise ValueError("draws must hold uniforms in [0, 1), got values outside (or NaN)")
     N, K = draws.shape[0], n_components
     if scheme == "partition":
         order = xp.argsort(draws, stable=True)  # (N,) sample at each rank
@@ -215,6 +218,12 @@ def random_starts(
     check_positive_int(n_starts, "n_starts", minimum=0)
     check_choice(scheme, "scheme", INIT_SCHEMES)
     check_positive_int(n_components, "n_components")
+    array_namespace(like, names=("like",))
+    check_float_array(like, "like")
+    if like.ndim == 0:
+        raise ValueError("like must be at least 1-dimensional (its first axis gives N), got shape ()")
+    if not callable(m_step):
+        raise TypeError(f"m_step must be callable (responsibilities (N, K) -> params), got {type(m_step).__name__}")
     out = []
     for _ in range(n_starts):  # a loop over starts: each takes one generator call, in order
         u = draw_uniforms(generator, int(like.shape[0]), like=like)  # (N,)

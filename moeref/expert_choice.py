@@ -30,11 +30,12 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from .capacity import CapacityOptions, expert_capacity
-from .core import device_of, one_hot, softmax, softmax_vjp, take_along_axis, top_k
+from .core import _take_along_axis, device_of, one_hot, softmax, softmax_vjp, top_k
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import GELU_FFN, ExpertFFN, ExpertFFNParams, check_expert_ffn_params
 from .routes import Routes
 from .validation import (
+    check_cotangent,
     check_arrays,
     check_choice,
     check_float_array,
@@ -333,10 +334,10 @@ def _assign(scores: Any, C: int, Tg: int, xp: Any) -> _Assignment:
     columns = xp.astype(xp.argsort(sort_key, axis=1, stable=True), xp.int64)  # (T, E)
     k_max = int(xp.max(n))  # >= 1: every expert takes C >= 1 tokens
     col = columns[:, :k_max]  # (T, k_max)
-    kept_r = take_along_axis(kept, col, axis=1)  # (T, k_max)
+    kept_r = _take_along_axis(kept, col, axis=1)  # (T, k_max)
     zero = xp.zeros((T, k_max), dtype=scores.dtype, device=dev)
-    weight = xp.where(kept_r, take_along_axis(scores, col, axis=1), zero)  # (T, k_max)
-    routes = Routes(expert_index=col, weight=weight, kept=kept_r, position=take_along_axis(rank, col, axis=1))
+    weight = xp.where(kept_r, _take_along_axis(scores, col, axis=1), zero)  # (T, k_max)
+    routes = Routes(expert_index=col, weight=weight, kept=kept_r, position=_take_along_axis(rank, col, axis=1))
     return _Assignment(ExpertChoiceRouting(routes, token_index, gates, n, coverage, C), columns)
 
 
@@ -469,7 +470,7 @@ def expert_choice_layer_vjp(x: Any, params: ExpertChoiceParams, options: ExpertC
     this is the derivative with the forward's selection.
     """
     xp, E = _check(x, params, options)
-    check_shape(cotangent, "cotangent", tuple(x.shape), what="the layer output, (T, d)")
+    check_cotangent(cotangent, tuple(x.shape), like=x, what="the layer output, (T, d)")
     check_arrays({"x": x, "cotangent": cotangent})
     S, assignment = _route(x, params, options, E, xp)
     routes = assignment.routing.routes
@@ -479,7 +480,7 @@ def expert_choice_layer_vjp(x: Any, params: ExpertChoiceParams, options: ExpertC
     # w_bar (T, k_max) back to S_bar (T, E): pad each row to all E columns and undo its sort
     w_bar = xp.where(routes.kept, g.routes.weight, xp.zeros_like(g.routes.weight))  # (T, k_max)
     w_bar = xp.concat([w_bar, xp.zeros((T, E - k_max), dtype=x.dtype, device=device_of(x))], axis=1)  # (T, E)
-    S_bar = take_along_axis(w_bar, _inverse_rows(assignment.columns, xp), axis=1)  # (T, E)
+    S_bar = _take_along_axis(w_bar, _inverse_rows(assignment.columns, xp), axis=1)  # (T, E)
 
     z_bar = softmax_vjp(S, S_bar, axis=1)  # (T, E)
     W_bar = xp.matmul(xp.matrix_transpose(x), z_bar)  # (d, E)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .validation import check_arrays, check_experts_params, check_float_array, check_shape
+from .validation import check_arrays, check_cotangent, check_experts_params, check_float_array, check_record_type
 
 __all__ = ["LinearExpertsParams", "LinearExpertsGrads", "linear_experts", "linear_experts_vjp"]
 
@@ -35,6 +35,7 @@ class LinearExpertsGrads(NamedTuple):
 
 
 def _check_experts(x: Any, params: LinearExpertsParams) -> Any:
+    check_record_type(params, "params", LinearExpertsParams)
     xp = check_arrays({"x": x, "params.weight": params.weight, "params.bias": params.bias})
     check_float_array(x, "x", ndim=2)
     check_experts_params(params.weight, params.bias, x.shape[1])
@@ -58,7 +59,10 @@ def linear_experts(x: Any, params: LinearExpertsParams) -> Any:
     -------
     array, shape (N, n, d_out)
     """
-    xp = _check_experts(x, params)
+    return _linear_experts(x, params, _check_experts(x, params))
+
+
+def _linear_experts(x: Any, params: LinearExpertsParams, xp: Any) -> Any:
     # (n, N, d_out) -> (N, n, d_out)
     out = xp.matmul(x[None, :, :], params.weight) + params.bias[:, None, :]
     return xp.permute_dims(out, (1, 0, 2))
@@ -75,7 +79,12 @@ def linear_experts_vjp(x: Any, params: LinearExpertsParams, cotangent: Any) -> L
     """
     xp = _check_experts(x, params)
     n, _, d_out = params.weight.shape
-    check_shape(cotangent, "cotangent", (x.shape[0], n, d_out))
+    check_cotangent(cotangent, (x.shape[0], n, d_out), like=x, what="the shape of the experts' output (N, n, d_out)")
+    return _linear_experts_vjp(x, params, cotangent, xp)
+
+
+def _linear_experts_vjp(x: Any, params: LinearExpertsParams, cotangent: Any, xp: Any) -> LinearExpertsGrads:
+    """The VJP without argument checks (internal callers)."""
     ct = xp.permute_dims(cotangent, (1, 0, 2))  # (n, N, d_out)
     w_bar = xp.matmul(xp.matrix_transpose(x)[None, :, :], ct)  # (n, d_in, d_out)
     x_bar = xp.sum(xp.matmul(ct, xp.matrix_transpose(params.weight)), axis=0)  # (N, d_in)

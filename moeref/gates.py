@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core import log_softmax, softmax, softmax_vjp
-from .validation import check_arrays, check_float_array, check_gate_params, check_shape
+from .core import _softmax_vjp, log_softmax, softmax
+from .validation import check_arrays, check_cotangent, check_float_array, check_gate_params, check_record_type
 
 __all__ = [
     "LinearSoftmaxGateParams",
@@ -43,6 +43,7 @@ class LinearSoftmaxGateGrads(NamedTuple):
 
 
 def _check_gate(x: Any, params: LinearSoftmaxGateParams) -> Any:
+    check_record_type(params, "params", LinearSoftmaxGateParams)
     # a -inf bias switches an expert off
     xp = check_arrays({"x": x, "params.weight": params.weight, "params.bias": params.bias}, neg_inf_ok=("params.bias",))
     check_float_array(x, "x", ndim=2)
@@ -62,7 +63,10 @@ def linear_softmax_gate_logits(x: Any, params: LinearSoftmaxGateParams) -> Any:
     -------
     array, shape (N, n)
     """
-    xp = _check_gate(x, params)
+    return _logits(x, params, _check_gate(x, params))
+
+
+def _logits(x: Any, params: LinearSoftmaxGateParams, xp: Any) -> Any:
     return xp.matmul(x, params.weight) + params.bias  # (N, n)
 
 
@@ -120,9 +124,13 @@ def linear_softmax_gate_vjp(
         The forward output, to skip recomputing it.
     """
     xp = _check_gate(x, params)
-    w = linear_softmax_gate(x, params) if gates is None else gates
-    check_shape(cotangent, "cotangent", tuple(w.shape))
-    u_bar = softmax_vjp(w, cotangent)  # (N, n)
+    check_cotangent(cotangent, (x.shape[0], params.weight.shape[1]), like=x, what="the shape of the gate's output (N, n)")
+    return _gate_vjp(x, params, cotangent, softmax(_logits(x, params, xp), axis=-1) if gates is None else gates, xp)
+
+
+def _gate_vjp(x: Any, params: LinearSoftmaxGateParams, cotangent: Any, w: Any, xp: Any) -> LinearSoftmaxGateGrads:
+    """The VJP from the gate output ``w`` (no argument checks: internal callers)."""
+    u_bar = _softmax_vjp(w, cotangent, -1, xp)  # (N, n)
     return LinearSoftmaxGateGrads(
         x=xp.matmul(u_bar, xp.matrix_transpose(params.weight)),  # (N, d)
         params=LinearSoftmaxGateParams(weight=xp.matmul(xp.matrix_transpose(x), u_bar), bias=xp.sum(u_bar, axis=0)),

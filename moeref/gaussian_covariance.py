@@ -32,7 +32,18 @@ from typing import Any
 
 from .core import array_namespace, device_of
 from .em import CollapsedVarianceError, first_true
-from .validation import check_choice, check_finite, check_float_array, check_shape, concrete_bool
+from .validation import (
+    check_array,
+    check_arrays,
+    check_choice,
+    check_cotangent,
+    check_finite,
+    check_float_array,
+    check_positive_float,
+    check_positive_int,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "COVARIANCE_STRUCTURES",
@@ -63,14 +74,37 @@ def _diag(m: Any, xp: Any) -> Any:
     return xp.sum(m * _eye(m.shape[-1], m, xp), axis=-1)
 
 
+_STORED_NDIM = {"full": 3, "diagonal": 2, "isotropic": 1}
+
+
+def _check_stored(cov: Any, structure: str, name: str, K: int | None = None, D: int | None = None) -> tuple[int, int | None]:
+    """A stored covariance whose leading size is ``K`` or 1 (tied) and whose ``D`` is read from it when not given
+    (``None`` for an isotropic one). Returns ``(K', D)``."""
+    check_choice(structure, "structure", COVARIANCE_STRUCTURES)
+    check_float_array(cov, name, ndim=_STORED_NDIM[structure])
+    n_cov = cov.shape[0] if K is None or cov.shape[0] == 1 else K
+    if D is None and structure != "isotropic":
+        D = cov.shape[-1]
+    check_cov(cov, structure, n_cov, 1 if D is None else D, name)
+    return n_cov, D
+
+
+def _check_residuals(r: Any, name: str = "r") -> tuple[int, int, int]:
+    check_float_array(r, name, ndim=3)
+    K, N, D = r.shape
+    return K, N, D
+
+
 def check_cov(cov: Any, structure: str, n_cov: int, D: int, name: str) -> None:
     """Check a stored covariance: shape ``(n_cov, ...)`` for ``structure``, finite, positive (diagonal).
 
     ``n_cov`` is $K$, or 1 for a tied covariance; the error messages name ``name``.
     """
     check_choice(structure, "structure", COVARIANCE_STRUCTURES)
-    xp = array_namespace(cov, names=(name,))
+    xp = array_namespace(cov, names=(name,), allow_none=False)
     check_float_array(cov, name)
+    n_cov = check_positive_int(n_cov, "n_cov")
+    D = check_positive_int(D, "D")
     tied = "tied=True: one shared covariance" if n_cov == 1 else f"K={n_cov} experts"
     if structure == "full":
         check_shape(cov, name, (n_cov, D, D), what=f'covariance="full" stores Cholesky factors; {tied}, D={D}')
@@ -91,6 +125,8 @@ def check_cov(cov: Any, structure: str, n_cov: int, D: int, name: str) -> None:
 
 def cov_count(structure: str, D: int) -> int:
     r"""Free entries of one stored covariance: $D(D+1)/2$ (full), $D$ (diagonal) or 1 (isotropic)."""
+    check_choice(structure, "structure", COVARIANCE_STRUCTURES)
+    D = check_positive_int(D, "D")
     return D * (D + 1) // 2 if structure == "full" else (D if structure == "diagonal" else 1)
 
 
@@ -106,7 +142,14 @@ def residual_log_density(structure: str, cov: Any, r: Any) -> Any:
     >>> float(residual_log_density("isotropic", np.ones(1), np.zeros((1, 1, 2)))[0, 0])  # -log(2 pi)
     -1.8378770664093453
     """
-    xp = array_namespace(cov, r, names=("cov", "r"))
+    xp = check_arrays({"cov": cov, "r": r})
+    K, _, D = _check_residuals(r)
+    _check_stored(cov, structure, "cov", K, D)
+    return _residual_log_density(structure, cov, r, xp)
+
+
+def _residual_log_density(structure: str, cov: Any, r: Any, xp: Any) -> Any:
+    """[`residual_log_density`][moeref.gaussian_covariance.residual_log_density] without argument checks (E-steps)."""
     K, N, D = r.shape
     if structure == "full":
         L = xp.broadcast_to(xp.tril(cov), (K, D, D))  # (K, D, D)
@@ -139,7 +182,15 @@ def residual_log_density_vjp(structure: str, cov: Any, r: Any, cotangent: Any) -
     cov_bar : array
         Shaped like ``cov`` (summed over components when tied).
     """
-    xp = array_namespace(cov, r, cotangent, names=("cov", "r", "cotangent"))
+    xp = check_arrays({"cov": cov, "r": r})
+    K, N, D = _check_residuals(r)
+    _check_stored(cov, structure, "cov", K, D)
+    check_cotangent(cotangent, (K, N), like=r, what="the shape of the log-densities (K, N)")
+    return _residual_log_density_vjp(structure, cov, r, cotangent, xp)
+
+
+def _residual_log_density_vjp(structure: str, cov: Any, r: Any, cotangent: Any, xp: Any) -> tuple[Any, Any]:
+    """[`residual_log_density_vjp`][moeref.gaussian_covariance.residual_log_density_vjp] without argument checks."""
     c = cotangent
     K, N, D = r.shape
     tied = cov.shape[0] == 1 and K > 1
@@ -206,7 +257,25 @@ def weighted_cov_mle(
     >>> weighted_cov_mle("isotropic", r, np.array([[1.0], [1.0], [0.0]]), tied=False).tolist()
     [1.0]
     """
-    xp = array_namespace(r, weights, names=("r", "weights"))
+    check_choice(structure, "structure", COVARIANCE_STRUCTURES)
+    check_array(r, "r")
+    check_array(weights, "weights")
+    xp = check_arrays({"r": r, "weights": weights})
+    K, N, D = _check_residuals(r)
+    check_float_array(weights, "weights", ndim=2)
+    check_shape(weights, "weights", (N, K), what=f"r has K={K} components of N={N} residuals")
+    if concrete_bool(xp.all(weights >= 0)) is False:
+        raise ValueError("weights must be non-negative (responsibilities)")
+    if not isinstance(tied, bool):
+        raise TypeError(f"tied must be a bool, got {type(tied).__name__}")
+    factor = check_positive_float(factor, "factor")
+    if isinstance(min_sigma, bool) or not isinstance(min_sigma, (int, float)) or not (min_sigma >= 0 and math.isfinite(min_sigma)):
+        raise ValueError(f"min_sigma must be a finite non-negative float, got {min_sigma!r}")
+    return _weighted_cov_mle(structure, r, weights, tied, factor, min_sigma, xp)
+
+
+def _weighted_cov_mle(structure: str, r: Any, weights: Any, tied: bool, factor: float, min_sigma: float, xp: Any) -> Any:
+    """[`weighted_cov_mle`][moeref.gaussian_covariance.weighted_cov_mle] without argument checks (M-steps)."""
     K, N, D = r.shape
     w = xp.matrix_transpose(weights)[:, :, None]  # (K, N, 1)
     n_k = xp.sum(weights, axis=0)  # (K,)
@@ -244,7 +313,9 @@ def weighted_cov_mle(
 
 def cov_matrices(structure: str, cov: Any, D: int) -> Any:
     r"""$\Sigma_k$ from the stored ``cov``: array (K', D, D)."""
-    xp = array_namespace(cov, names=("cov",))
+    D = check_positive_int(D, "D")
+    xp = check_arrays({"cov": cov})
+    _check_stored(cov, structure, "cov", D=D)
     if structure == "full":
         L = xp.tril(cov)
         return L @ xp.matrix_transpose(L)
@@ -254,15 +325,18 @@ def cov_matrices(structure: str, cov: Any, D: int) -> Any:
     return cov[:, None, None] * eye
 
 
-def cov_from_matrices(structure: str, sigma: Any) -> Any:
+def cov_from_matrices(structure: str, sigma: Any, *, name: str = "sigma") -> Any:
     r"""The stored ``cov`` for matrices $\Sigma_k$ (K', D, D): Cholesky factor, diagonal, or $\operatorname{tr}(\Sigma_k)/D$.
 
-    The isotropic value is the nearest isotropic matrix in Frobenius norm.
+    The isotropic value is the nearest isotropic matrix in Frobenius norm. ``name``: the argument's
+    name in error messages.
     """
-    xp = array_namespace(sigma, names=("covariance",))
-    check_float_array(sigma, "covariance", ndim=3)
+    check_choice(structure, "structure", COVARIANCE_STRUCTURES)
+    check_array(sigma, name)
+    xp = check_arrays({name: sigma})
+    check_float_array(sigma, name, ndim=3)
     D = sigma.shape[-1]
-    check_shape(sigma, "covariance", (sigma.shape[0], D, D), what="square matrices")
+    check_shape(sigma, name, (sigma.shape[0], D, D), what="square matrices")
     if structure == "full":
         return xp.linalg.cholesky(0.5 * (sigma + xp.matrix_transpose(sigma)))
     dg = _diag(sigma, xp)  # (K', D)
@@ -271,16 +345,28 @@ def cov_from_matrices(structure: str, sigma: Any) -> Any:
 
 def cov_unconstrained(structure: str, cov: Any) -> Any:
     r"""Unconstrained form: full, $L_k$ with its diagonal replaced by $\log L_{k,jj}$; else $\log v$."""
-    xp = array_namespace(cov, names=("cov",))
+    xp = check_arrays({"cov": cov})
+    _check_stored(cov, structure, "cov")
     if structure != "full":
         return xp.log(cov)
     eye = _eye(cov.shape[-1], cov, xp)
     return xp.tril(cov) * (1.0 - eye) + xp.log(_diag(cov, xp))[..., None] * eye
 
 
+def _check_free(structure: str, free: Any) -> Any:
+    """An unconstrained covariance: real floating, finite, the rank of ``structure``'s storage (square when full)."""
+    check_choice(structure, "structure", COVARIANCE_STRUCTURES)
+    xp = check_arrays({"free": free})
+    check_float_array(free, "free", ndim=_STORED_NDIM[structure])
+    if structure == "full":
+        D = free.shape[-1]
+        check_shape(free, "free", (free.shape[0], D, D), what='covariance="full": one D x D matrix per component')
+    return xp
+
+
 def cov_constrained(structure: str, free: Any) -> Any:
     """Inverse of [`cov_unconstrained`][moeref.gaussian_covariance.cov_unconstrained]."""
-    xp = array_namespace(free, names=("free",))
+    xp = _check_free(structure, free)
     if structure != "full":
         return xp.exp(free)
     eye = _eye(free.shape[-1], free, xp)
@@ -290,7 +376,8 @@ def cov_constrained(structure: str, free: Any) -> Any:
 def cov_constrained_vjp(structure: str, free: Any, cov_bar: Any) -> Any:
     r"""Chain rule through [`cov_constrained`][moeref.gaussian_covariance.cov_constrained]:
     $\overline{\log v} = v\,\bar v$; full: $\overline{\log L_{jj}} = L_{jj}\bar L_{jj}$, off-diagonal entries unchanged."""
-    xp = array_namespace(free, cov_bar, names=("free", "cov_bar"))
+    xp = _check_free(structure, free)
+    check_cotangent(cov_bar, tuple(free.shape), like=free, name="cov_bar", what="the shape of free", like_name="free")
     if structure != "full":
         return cov_bar * xp.exp(free)
     eye = _eye(free.shape[-1], free, xp)

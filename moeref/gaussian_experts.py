@@ -61,6 +61,9 @@ from .em import check_nonempty_components, check_nonnegative_float
 from .families import ExpertInputGrads
 from .gaussian_covariance import (
     COVARIANCE_STRUCTURES,
+    _residual_log_density,
+    _residual_log_density_vjp,
+    _weighted_cov_mle,
     check_cov,
     cov_constrained,
     cov_constrained_vjp,
@@ -68,19 +71,18 @@ from .gaussian_covariance import (
     cov_from_matrices,
     cov_matrices,
     cov_unconstrained,
-    residual_log_density,
-    residual_log_density_vjp,
-    weighted_cov_mle,
 )
 from .validation import (
+    check_cotangent,
     check_responsibilities,
     check_choice,
     check_finite,
     check_float_array,
+    check_record_type,
     check_same_dtype,
     check_shape,
 )
-from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
+from .weighted_lstsq import _design_matrix, _weighted_least_squares, split_coefficients
 
 __all__ = [
     "EXPERT_COVARIANCE_TYPES",
@@ -185,7 +187,7 @@ class _GaussianOptions:
         (the nearest isotropic matrix in Frobenius norm).
         """
         array_namespace(covariance, names=("covariance",))  # a clear error for a non-array
-        return cov_from_matrices(self.covariance, covariance)
+        return cov_from_matrices(self.covariance, covariance, name="covariance")
 
     # ---------------------------------------------------------------- unconstrained view
 
@@ -224,9 +226,7 @@ class _GaussianOptions:
         """The M-step's covariance: ``params.cov`` when fixed, else the weighted ML (times the flexmix factor)."""
         if self.variance == "fixed":
             return params.cov
-        return weighted_cov_mle(
-            self.covariance, r, weights, tied=self.tied, factor=self._factor(N, p), min_sigma=self.min_sigma
-        )
+        return _weighted_cov_mle(self.covariance, r, weights, self.tied, self._factor(N, p), self.min_sigma, array_namespace(r))
 
     def _factor(self, N: int, p: int) -> float:
         if self.variance == "ml":
@@ -344,7 +344,7 @@ class LinearGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))  # (N, K)
+        return xp.matrix_transpose(_residual_log_density(self.covariance, params.cov, r, xp))  # (N, K)
 
     def log_density_vjp(self, params: LinearGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> LinearGaussianExpertsParams:
         r"""VJP of [`log_density`][moeref.gaussian_experts.LinearGaussianExperts.log_density] with respect to ``params``.
@@ -369,10 +369,10 @@ class LinearGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         K = params.weight.shape[0]
-        check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and expert, like log_density")
+        check_cotangent(cotangent, (x.shape[0], K), like=x, what="one entry per sample and expert, like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # (K, N, D)
+        g, cov_bar = _residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # (K, N, D)
         w_bar = xp.matmul(xp.matrix_transpose(x)[None, :, :], g)  # (K, d, D)
         b_bar = xp.sum(g, axis=1) if self.bias else xp.zeros_like(params.bias)  # (K, D)
         return LinearGaussianExpertsParams(weight=w_bar, bias=b_bar, cov=cov_bar)
@@ -387,9 +387,9 @@ class LinearGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         K = params.weight.shape[0]
-        check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and expert, like log_density")
+        check_cotangent(cotangent, (x.shape[0], K), like=x, what="one entry per sample and expert, like log_density")
         r = self._residuals(params, x, y, xp)  # (K, N, D)
-        g, _ = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # (K, N, D)
+        g, _ = _residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # (K, N, D)
         x_bar = xp.sum(xp.matmul(g, xp.matrix_transpose(params.weight)), axis=0)  # (N, d)
         y_bar = -xp.sum(g, axis=0)  # (N, D)
         return ExpertInputGrads(x=x_bar, y=xp.reshape(y_bar, y.shape))
@@ -443,9 +443,9 @@ class LinearGaussianExperts(_GaussianOptions):
         check_finite(x, "x")
         check_finite(y, "y")
         check_nonempty_components(weights, self.min_weight)
-        design = design_matrix(x, bias=self.bias)  # (N, p)
+        design = _design_matrix(x, self.bias, xp)  # (N, p)
         y2 = _as_2d_y(y, xp)  # (N, D)
-        theta = weighted_least_squares(design, y2, weights)  # (K, p, D)
+        theta = _weighted_least_squares(design, y2, weights, xp)  # (K, p, D)
         weight, bias = split_coefficients(theta, d, bias=self.bias)
         r = y2[None, :, :] - xp.matmul(design[None, :, :], theta)  # (K, N, D)
         cov = self._m_step_cov(params, r, weights, x.shape[0], design.shape[1])
@@ -454,6 +454,8 @@ class LinearGaussianExperts(_GaussianOptions):
     def n_free_parameters(self, params: LinearGaussianExpertsParams) -> int:
         r"""$K D (d + 1)$ regression coefficients ($K D d$ without bias) plus $K'$ covariances of
         $D(D+1)/2$ (full), $D$ (diagonal) or 1 (isotropic) entries (none under ``variance="fixed"``)."""
+        check_record_type(params, "params", LinearGaussianExpertsParams)
+        check_float_array(params.weight, "params.weight", ndim=3)
         K, d, D = params.weight.shape
         return K * D * (d + (1 if self.bias else 0)) + self._n_cov_parameters(K, D)
 
@@ -529,24 +531,24 @@ class ConstantGaussianExperts(_GaussianOptions):
         """
         xp = self._check(params, x, y)
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]  # (K, N, D)
-        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))
+        return xp.matrix_transpose(_residual_log_density(self.covariance, params.cov, r, xp))
 
     def log_density_vjp(self, params: ConstantGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> ConstantGaussianExpertsParams:
         r"""VJP with respect to ``params``: $\bar\mu_k = \sum_i c_{ik}\,\Sigma_k^{-1}(y_i - \mu_k)$ and
         the covariance cotangents of [`LinearGaussianExperts.log_density_vjp`][moeref.gaussian_experts.LinearGaussianExperts.log_density_vjp]."""
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.mean.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.mean.shape[0]), like=x, what="like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]  # (K, N, D)
-        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))
+        g, cov_bar = _residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)
         return ConstantGaussianExpertsParams(mean=xp.sum(g, axis=1), cov=cov_bar)
 
     def log_density_input_vjp(self, params: ConstantGaussianExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
         r"""$\bar y_i = -\sum_k c_{ik}\,\Sigma_k^{-1}(y_i - \mu_k)$; ``x`` gets ``None`` (no dependence)."""
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.mean.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.mean.shape[0]), like=x, what="like log_density")
         r = _as_2d_y(y, xp)[None, :, :] - params.mean[:, None, :]
-        g, _ = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))
+        g, _ = _residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)
         return ExpertInputGrads(x=None, y=xp.reshape(-xp.sum(g, axis=0), y.shape))
 
     def mean(self, params: ConstantGaussianExpertsParams, x: Any) -> Any:
@@ -578,5 +580,7 @@ class ConstantGaussianExperts(_GaussianOptions):
 
     def n_free_parameters(self, params: ConstantGaussianExpertsParams) -> int:
         r"""$K D$ means plus $K'$ covariances ($D(D+1)/2$, $D$ or 1 entries each; none under ``variance="fixed"``)."""
+        check_record_type(params, "params", ConstantGaussianExpertsParams)
+        check_float_array(params.mean, "params.mean", ndim=2)
         K, D = params.mean.shape
         return K * D + self._n_cov_parameters(K, D)

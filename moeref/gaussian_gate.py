@@ -47,14 +47,16 @@ from .core import array_namespace, log_softmax, logsumexp
 from .em import CollapsedVarianceError, EmptyComponentError
 from .gaussian_covariance import (  # the covariance storage and Gaussian log-density shared with the experts
     COVARIANCE_STRUCTURES,
+    _residual_log_density,
+    _residual_log_density_vjp,
     check_cov,
     cov_count,
     cov_from_matrices,
     cov_matrices,
-    residual_log_density,
-    residual_log_density_vjp,
 )
 from .validation import (
+    check_cotangent,
+    check_array,
     check_arrays,
     check_choice,
     check_float_array,
@@ -204,7 +206,7 @@ class GaussianDensity:
     def cov_from_matrices(self, covariance: Any) -> Any:
         """The stored ``cov`` for covariance matrices $S_k$ (K', d, d): Cholesky factor, diagonal or $\\operatorname{tr}(S_k)/d$."""
         array_namespace(covariance, names=("covariance",))  # a clear error for a non-array
-        return cov_from_matrices(self.covariance, covariance)
+        return cov_from_matrices(self.covariance, covariance, name="covariance")
 
     # ---------------------------------------------------------------- forward and VJP
 
@@ -233,7 +235,7 @@ class GaussianDensity:
         """
         xp = self._check(params, x)
         r = x[None, :, :] - params.means[:, None, :]  # (K, N, d)
-        return xp.matrix_transpose(residual_log_density(self.covariance, params.cov, r))  # (N, K)
+        return xp.matrix_transpose(_residual_log_density(self.covariance, params.cov, r, xp))  # (N, K)
 
     def log_density_vjp(self, params: GaussianDensityParams, x: Any, cotangent: Any) -> GaussianDensityParams:
         r"""VJP of [`log_density`][moeref.gaussian_gate.GaussianDensity.log_density] with respect to the parameters.
@@ -261,10 +263,10 @@ class GaussianDensity:
         """
         xp = self._check(params, x)
         K = params.means.shape[0]
-        check_shape(cotangent, "cotangent", (x.shape[0], K), what="one entry per sample and component, like log_density")
+        check_cotangent(cotangent, (x.shape[0], K), like=x, what="one entry per sample and component, like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         r = x[None, :, :] - params.means[:, None, :]  # (K, N, d)
-        g, cov_bar = residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent))  # g: (K, N, d)
+        g, cov_bar = _residual_log_density_vjp(self.covariance, params.cov, r, xp.matrix_transpose(cotangent), xp)  # g: (K, N, d)
         return GaussianDensityParams(means=xp.sum(g, axis=1), cov=cov_bar)  # (K, d), like cov
 
     # ---------------------------------------------------------------- M-step
@@ -380,8 +382,27 @@ class DensityGateParams(NamedTuple):
 
 
 def gaussian_gate_params(weights: Any, means: Any, cov: Any) -> DensityGateParams:
-    """``DensityGateParams(weights, GaussianDensityParams(means, cov))``: the Gaussian gate's record
-    (``cov`` in the storage of [`COVARIANCE_TYPES`][moeref.gaussian_gate.COVARIANCE_TYPES])."""
+    r"""``DensityGateParams(weights, GaussianDensityParams(means, cov))``: the Gaussian gate's record
+    (``cov`` in the storage of [`COVARIANCE_TYPES`][moeref.gaussian_gate.COVARIANCE_TYPES]).
+
+    Checked here: ``weights`` (K,) non-negative, ``means`` (K, d), ``cov`` (K', ...) with $K' \in \{K, 1\}$
+    and trailing sizes ``d`` (full (K', d, d), diagonal (K', d), isotropic (K',)); one library and
+    dtype, finite values. The structure itself is checked by the gate that reads the record.
+    """
+    named = {"weights": weights, "means": means, "cov": cov}
+    for name, a in named.items():
+        check_array(a, name)
+    xp = check_arrays(named)
+    check_float_array(weights, "weights", ndim=1)
+    K = weights.shape[0]
+    check_float_array(means, "means", ndim=2)
+    check_shape(means, "means", (K, None), what=f"weights has K={K} components")
+    d = means.shape[1]
+    check_float_array(cov, "cov", ndim=(1, 2, 3))
+    lead = cov.shape[0] if cov.shape[0] in (1, K) else K
+    check_shape(cov, "cov", (lead,) + (d,) * (cov.ndim - 1), what=f"K={K} components (or 1, tied) of d={d} features")
+    if concrete_bool(xp.all(weights >= 0)) is False:
+        raise ValueError("weights must be non-negative (mixing proportions alpha_k)")
     return DensityGateParams(weights=weights, density=GaussianDensityParams(means=means, cov=cov))
 
 

@@ -67,10 +67,11 @@ from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, one_
 from .em import ConvergenceWarning, SingularWeightedLeastSquaresError, check_nonempty_components
 from .em import SeparationWarning as _SeparationWarning
 from .families import ExpertInputGrads
-from .weighted_lstsq import design_matrix
+from .weighted_lstsq import _design_matrix
 from .softmax_gate import fit_weighted_multinomial
 from .special import lgamma
 from .validation import (
+    check_cotangent,
     check_responsibilities,
     check_finite,
     check_float_array,
@@ -424,7 +425,7 @@ class _SingleIndexOptions:
 
     def _eta_cotangent(self, params: Any, x: Any, y: Any, cotangent: Any, xp: Any) -> Any:
         N, K = x.shape[0], params.weight.shape[0]
-        check_shape(cotangent, "cotangent", (N, K), what="one entry per sample and expert, like log_density")
+        check_cotangent(cotangent, (N, K), like=x, what="one entry per sample and expert, like log_density")
         eta = self._eta(params, x, xp)
         return cotangent * (y[:, None] - self._mean_of_eta(eta, xp))  # (N, K)
 
@@ -502,7 +503,7 @@ class _SingleIndexOptions:
         check_nonempty_components(weights, self.min_weight)
         xr, offset = self._split(x)
         d = xr.shape[1]
-        design = design_matrix(xr, bias=self.bias)  # (N, p)
+        design = _design_matrix(xr, self.bias, xp)  # (N, p)
         p = design.shape[1]
         penalty = self.ridge * xp.ones((p,), dtype=x.dtype, device=device_of(x))  # (p,): every coefficient
         _check_gram(design, weights, penalty, xp)
@@ -882,7 +883,7 @@ class MultinomialLogisticExperts:
 
     def _eta_cotangent(self, params: Any, x: Any, y: Any, cotangent: Any, xp: Any) -> Any:
         N, K = x.shape[0], params.weight.shape[0]
-        check_shape(cotangent, "cotangent", (N, K), what="one entry per sample and expert, like log_density")
+        check_cotangent(cotangent, (N, K), like=x, what="one entry per sample and expert, like log_density")
         mu = xp.exp(self._log_mu(params, x, xp))  # (K, N, C)
         # d/d eta_c of sum_c' y_c' log mu_c' = y_c - mu_c sum_c' y_c'
         return log_softmax_vjp(mu, xp.matrix_transpose(cotangent)[:, :, None] * y[None, :, :], axis=2)  # (K, N, C)
@@ -992,7 +993,7 @@ class MultinomialLogisticExperts:
         check_responsibilities(weights, N, K)
         check_same_dtype({"x": x, "weights": weights})
         check_nonempty_components(weights, self.min_weight)
-        design = design_matrix(x, bias=True)  # (N, d + 1)
+        design = _design_matrix(x, True, xp)  # (N, d + 1)
         penalty = self.ridge * xp.ones((design.shape[1],), dtype=x.dtype, device=device_of(x))
         _check_gram(design, weights, penalty, xp)
         new_w, new_b, separated = [], [], []

@@ -29,11 +29,22 @@ import heapq
 from typing import Any, NamedTuple
 
 from .capacity import CapacityOptions, apply_capacity
-from .core import array_namespace, device_of, inverse_permutation
+from .core import _inverse_permutation, array_namespace, device_of
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, check_expert_ffn_params
 from .routes import Routes
-from .validation import check_arrays, check_float_array, check_positive_int, check_record_type, check_shape, concrete_bool
+from .validation import (
+    check_array,
+    check_arrays,
+    check_cotangent,
+    check_float_array,
+    check_index_range,
+    check_int_array,
+    check_positive_int,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "HashLayerOutput",
@@ -97,33 +108,19 @@ class HashLayerGrads(NamedTuple):
 
 def _check_int_array(a: Any, name: str, what: str) -> Any:
     xp = array_namespace(a, names=(name,))
-    if not xp.isdtype(a.dtype, "integral"):
-        raise TypeError(f"{name} must have an integer dtype (int64), {what}; got {a.dtype}")
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-dimensional, {what}; got shape {tuple(a.shape)}")
+    check_int_array(a, name, ndim=1, what=what)
     return xp
-
-
-def _check_range(a: Any, name: str, bound: int, bound_what: str, xp: Any) -> None:
-    """Every entry of ``a`` in ``[0, bound)``; skipped when the values are traced."""
-    if a.shape[0] == 0:
-        return
-    lo, hi = xp.min(a), xp.max(a)
-    if concrete_bool(lo < 0) is True:
-        raise ValueError(f"{name} has negative values (min {int(lo)}); {bound_what}")
-    if concrete_bool(hi >= bound) is True:
-        raise ValueError(f"{name} has values up to {int(hi)} but {bound_what}")
 
 
 def _check_table(table: Any, num_experts: int) -> tuple[Any, int]:
     xp = _check_int_array(table, "table", "one expert index per vocabulary id, shape (V,); for several layers pass tables[layer]")
-    _check_range(table, "table", num_experts, f"the layer has E={num_experts} experts (entries must lie in [0, {num_experts}))", xp)
+    check_index_range(table, "table", num_experts, what=f"the layer has E={num_experts} experts")
     return xp, table.shape[0]
 
 
 def _check_token_ids(token_ids: Any, V: int, xp: Any) -> None:
     _check_int_array(token_ids, "token_ids", "one input token id per token, shape (T,)")
-    _check_range(token_ids, "token_ids", V, f"the hash table covers a vocabulary of {V} (ids 0..{V - 1})", xp)
+    check_index_range(token_ids, "token_ids", V, what=f"the hash table covers a vocabulary of {V}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +214,7 @@ def random_hash_table(vocab_ids: Any, num_experts: int, *, seed: int, layer: int
     E = check_positive_int(num_experts, "num_experts")
     check_positive_int(seed, "seed", minimum=0, maximum=_MASK32)
     check_positive_int(layer, "layer", minimum=0, maximum=_MASK32)
-    _check_range(vocab_ids, "vocab_ids", _MASK32 + 1, "the hash takes ids in [0, 2^32)", xp)
+    check_index_range(vocab_ids, "vocab_ids", _MASK32 + 1, what="the hash takes ids in [0, 2^32)")
     v = xp.astype(vocab_ids, xp.int64)  # (V,)
     h = _fmix32(((v ^ _layer_key(seed, layer)) + _GOLDEN32) & _MASK32)  # (V,) in [0, 2^32)
     return h % E
@@ -297,7 +294,7 @@ def balanced_hash_table(counts: Any, num_experts: int) -> Any:
         chosen.append(e)
         heapq.heappush(loads, (load + to_number(ordered[i]), e))
     in_order = xp.asarray(chosen, dtype=xp.int64, device=dev)  # (V,) expert of the i-th visited id
-    return xp.take(in_order, inverse_permutation(order), axis=0)  # (V,) expert of id v
+    return xp.take(in_order, _inverse_permutation(order), axis=0)  # (V,) expert of id v
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,6 +357,8 @@ def _check_layer(x: Any, token_ids: Any, table: Any, experts: Any, ffn: Any) -> 
     check_record_type(ffn, "ffn", ExpertFFN)
     check_float_array(x, "x", ndim=2)
     xp = check_arrays({"x": x, **{f"experts.{f}": getattr(experts, f) for f in ExpertFFNParams._fields}})
+    check_array(token_ids, "token_ids")
+    check_array(table, "table")
     array_namespace(x, token_ids, table, names=("x", "token_ids", "table"))
     E, _, _ = check_expert_ffn_params(experts, ffn, d=x.shape[1])
     if token_ids.ndim == 1:
@@ -452,7 +451,7 @@ def hash_layer_vjp(
     HashLayerGrads
     """
     xp, E = _check_layer(x, token_ids, table, experts, ffn)
-    check_shape(cotangent, "cotangent", tuple(x.shape), what="the output of hash_layer, (T, d)")
+    check_cotangent(cotangent, tuple(x.shape), like=x, what="the output of hash_layer, (T, d)")
     routes, _ = hash_routes(token_ids, table, E, dtype=x.dtype)
     g = dispatch_combine_vjp(x, routes, experts, ffn, cotangent)
     return HashLayerGrads(x=g.x, token_ids=None, table=None, experts=g.experts)

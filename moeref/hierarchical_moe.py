@@ -31,10 +31,10 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, logsumexp
-from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
-from .mixture import mixture, mixture_vjp
-from .validation import check_finite, check_float_array, check_same_dtype, check_shape, concrete_bool
+from .core import _log_softmax_vjp, array_namespace, device_of, log_softmax, logsumexp
+from .experts import LinearExpertsParams, _linear_experts, _linear_experts_vjp
+from .mixture import _mixture, _mixture_vjp
+from .validation import check_array, check_cotangent, check_finite, check_float_array, check_same_dtype, check_shape, concrete_bool
 
 __all__ = [
     "HMEParams",
@@ -138,57 +138,57 @@ class HMEPosteriors(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_levels(params: Any) -> tuple[tuple, tuple]:
-    """The per-level gate arrays as tuples, after checking that they pair up."""
+def _check_levels(params: Any, p: str = "params") -> tuple[tuple, tuple]:
+    """The per-level gate arrays as tuples, after checking that they pair up (``p``: the record's name)."""
     if not isinstance(params, tuple) or not all(hasattr(params, f) for f in ("gate_weights", "gate_biases", "experts")):
-        raise TypeError(f"params must be an HMEParams(gate_weights, gate_biases, experts), got {type(params).__name__}")
+        raise TypeError(f"{p} must be an HMEParams(gate_weights, gate_biases, experts), got {type(params).__name__}")
     weights, biases = params.gate_weights, params.gate_biases
-    for name, levels in (("params.gate_weights", weights), ("params.gate_biases", biases)):
+    for name, levels in ((f"{p}.gate_weights", weights), (f"{p}.gate_biases", biases)):
         if not isinstance(levels, (tuple, list)):
             raise TypeError(f"{name} must be a tuple of arrays, one per tree level, got {type(levels).__name__}")
     if len(weights) == 0:
-        raise ValueError("params.gate_weights must hold at least one level (a tree of depth D >= 1), got none")
+        raise ValueError(f"{p}.gate_weights must hold at least one level (a tree of depth D >= 1), got none")
     if len(biases) != len(weights):
         raise ValueError(
-            f"params.gate_biases has {len(biases)} levels but params.gate_weights has {len(weights)}; "
+            f"{p}.gate_biases has {len(biases)} levels but {p}.gate_weights has {len(weights)}; "
             "there must be one bias array per gate level"
         )
     return tuple(weights), tuple(biases)
 
 
-def _check_tree(params: HMEParams, d_in: int | None) -> tuple[int, ...]:
+def _check_tree(params: HMEParams, d_in: int | None, p: str = "params") -> tuple[int, ...]:
     """Check every gate and expert shape against the tree they describe; return the branching."""
-    weights, biases = _check_levels(params)
+    weights, biases = _check_levels(params, p)
     if d_in is None:
-        check_float_array(weights[0], "params.gate_weights[0]", ndim=3)
+        check_float_array(weights[0], f"{p}.gate_weights[0]", ndim=3)
         d_in = weights[0].shape[1]
     branching: list[int] = []
     nodes = 1  # M_l
     for l, (w, b) in enumerate(zip(weights, biases)):
-        check_float_array(w, f"params.gate_weights[{l}]", ndim=3)
+        check_float_array(w, f"{p}.gate_weights[{l}]", ndim=3)
         width = w.shape[2]
         if width < 1:
-            raise ValueError(f"params.gate_weights[{l}] has shape {tuple(w.shape)}: level {l} needs at least one child per node")
+            raise ValueError(f"{p}.gate_weights[{l}] has shape {tuple(w.shape)}: level {l} needs at least one child per node")
         above = "the root" if l == 0 else f"the product of the branching factors {tuple(branching)} above it"
         check_shape(
-            w, f"params.gate_weights[{l}]", (nodes, d_in, width),
+            w, f"{p}.gate_weights[{l}]", (nodes, d_in, width),
             what=f"level {l} has M_{l} = {nodes} nodes ({above}) and the input has d_in={d_in} features",
         )
-        check_float_array(b, f"params.gate_biases[{l}]", ndim=2)
-        check_shape(b, f"params.gate_biases[{l}]", (nodes, width), what=f"params.gate_weights[{l}] has shape {tuple(w.shape)}")
+        check_float_array(b, f"{p}.gate_biases[{l}]", ndim=2)
+        check_shape(b, f"{p}.gate_biases[{l}]", (nodes, width), what=f"{p}.gate_weights[{l}] has shape {tuple(w.shape)}")
         branching.append(width)
         nodes *= width
     experts = params.experts
     if not isinstance(experts, tuple) or not all(hasattr(experts, f) for f in ("weight", "bias")):
-        raise TypeError(f"params.experts must be a LinearExpertsParams(weight, bias), got {type(experts).__name__}")
-    check_float_array(experts.weight, "params.experts.weight", ndim=3)
+        raise TypeError(f"{p}.experts must be a LinearExpertsParams(weight, bias), got {type(experts).__name__}")
+    check_float_array(experts.weight, f"{p}.experts.weight", ndim=3)
     d_out = experts.weight.shape[2]
     check_shape(
-        experts.weight, "params.experts.weight", (nodes, d_in, d_out),
+        experts.weight, f"{p}.experts.weight", (nodes, d_in, d_out),
         what=f"one expert per leaf: branching {tuple(branching)} has {nodes} leaves, and d_in={d_in}",
     )
-    check_float_array(experts.bias, "params.experts.bias", ndim=2)
-    check_shape(experts.bias, "params.experts.bias", (nodes, d_out), what=f"{nodes} leaves with d_out={d_out}")
+    check_float_array(experts.bias, f"{p}.experts.bias", ndim=2)
+    check_shape(experts.bias, f"{p}.experts.bias", (nodes, d_out), what=f"{nodes} leaves with d_out={d_out}")
     return tuple(branching)
 
 
@@ -198,29 +198,36 @@ def _check_no_nan_or_pos_inf(x: Any, name: str, xp: Any) -> None:
         raise ValueError(f"{name} contains NaN or +inf; gate biases must be finite or -inf (a removed child)")
 
 
-def _check_hme(x: Any, params: HMEParams, y: Any = None, variance: Any = None) -> tuple[Any, tuple[int, ...]]:
-    """Validate the arguments of every public function; return ``(xp, branching)``."""
-    weights, biases = _check_levels(params)
+def _check_hme(
+    x: Any, params: HMEParams, y: Any = None, variance: Any = None, *, with_y: bool = False, name: str = "params"
+) -> tuple[Any, tuple[int, ...]]:
+    """Validate the arguments of every public function (``y`` only ``with_y``; ``name``: the record's
+    argument name); return ``(xp, branching)``."""
+    p = name
+    check_array(x, "x")
+    if with_y:
+        check_array(y, "y")
+    weights, biases = _check_levels(params, p)
     experts = params.experts
-    arrays = [x, y, *weights, *biases, getattr(experts, "weight", None), getattr(experts, "bias", None)]
+    arrays = [x, y if with_y else None, *weights, *biases, getattr(experts, "weight", None), getattr(experts, "bias", None)]
     names = (
         ["x", "y"]
-        + [f"params.gate_weights[{l}]" for l in range(len(weights))]
-        + [f"params.gate_biases[{l}]" for l in range(len(biases))]
-        + ["params.experts.weight", "params.experts.bias"]
+        + [f"{p}.gate_weights[{l}]" for l in range(len(weights))]
+        + [f"{p}.gate_biases[{l}]" for l in range(len(biases))]
+        + [f"{p}.experts.weight", f"{p}.experts.bias"]
     )
     xp = array_namespace(*arrays, names=tuple(names))
     check_float_array(x, "x", ndim=2)
-    branching = _check_tree(params, x.shape[1])
+    branching = _check_tree(params, x.shape[1], p)
     d_out = experts.weight.shape[2]
-    if y is not None:
+    if with_y:
         check_float_array(y, "y", ndim=2)
         check_shape(y, "y", (x.shape[0], d_out), what=f"x has N={x.shape[0]} rows and the experts have d_out={d_out}")
     check_same_dtype({n: a for n, a in zip(names, arrays) if a is not None})
     for n, a in zip(names, arrays):
         if a is None:
             continue
-        if n.startswith("params.gate_biases"):
+        if n.startswith(f"{p}.gate_biases"):
             _check_no_nan_or_pos_inf(a, n, xp)
         else:
             check_finite(a, n)
@@ -230,13 +237,6 @@ def _check_hme(x: Any, params: HMEParams, y: Any = None, variance: Any = None) -
         if not (math.isfinite(variance) and variance > 0):
             raise ValueError(f"variance must be positive and finite, got {variance!r}")
     return xp, branching
-
-
-def _check_cotangent(x: Any, cotangent: Any, shape: tuple[int, ...], what: str) -> None:
-    array_namespace(x, cotangent, names=("x", "cotangent"))
-    check_float_array(cotangent, "cotangent")
-    check_shape(cotangent, "cotangent", shape, what=what)
-    check_same_dtype({"x": x, "cotangent": cotangent})
 
 
 def hme_branching(params: HMEParams) -> tuple[int, ...]:
@@ -330,7 +330,7 @@ def _log_prior_vjp(x: Any, params: HMEParams, log_gates: list, path_cotangent: A
         lg = log_gates[l]
         m, width = lg.shape[1], lg.shape[2]
         a_child = xp.reshape(acc, (n, m, width))  # (N, M_l, b_l): A_{mc}
-        u_bar = log_softmax_vjp(xp.exp(lg), a_child, axis=-1)  # (N, M_l, b_l): A_{mc} - g_{c|m} A_m
+        u_bar = _log_softmax_vjp(xp.exp(lg), a_child, -1, xp)  # (N, M_l, b_l): A_{mc} - g_{c|m} A_m
         u_t = xp.permute_dims(u_bar, (1, 0, 2))  # (M_l, N, b_l)
         w_bars[l] = xp.matmul(x_t, u_t)  # (M_l, d_in, b_l)
         b_bars[l] = xp.sum(u_bar, axis=0)  # (M_l, b_l)
@@ -392,8 +392,8 @@ def hme(x: Any, params: HMEParams) -> Any:
     """
     xp, _ = _check_hme(x, params)
     log_prior = _log_node_priors(_log_gates(x, params, xp), x, xp)[-1]  # (N, L)
-    mu = linear_experts(x, params.experts)  # (N, L, d_out)
-    return mixture(xp.exp(log_prior), mu)  # (N, d_out)
+    mu = _linear_experts(x, params.experts, xp)  # (N, L, d_out)
+    return _mixture(xp.exp(log_prior), mu, xp)  # (N, d_out)
 
 
 def hme_vjp(x: Any, params: HMEParams, cotangent: Any) -> HMEGrads:
@@ -423,13 +423,13 @@ def hme_vjp(x: Any, params: HMEParams, cotangent: Any) -> HMEGrads:
         ``x`` of shape (N, d_in) and ``params`` an `HMEParams` of cotangents shaped like ``params``.
     """
     xp, _ = _check_hme(x, params)
-    _check_cotangent(x, cotangent, (x.shape[0], params.experts.weight.shape[2]), "one row per input, like the output")
+    check_cotangent(cotangent, (x.shape[0], params.experts.weight.shape[2]), like=x, what="one row per input, like the output")
     log_gates = _log_gates(x, params, xp)
     prior = xp.exp(_log_node_priors(log_gates, x, xp)[-1])  # (N, L)
-    mu = linear_experts(x, params.experts)  # (N, L, d_out)
-    mix = mixture_vjp(prior, mu, cotangent)  # gates: <mu_bar, mu_p> (N, L); expert_outputs: pi_p mu_bar (N, L, d_out)
+    mu = _linear_experts(x, params.experts, xp)  # (N, L, d_out)
+    mix = _mixture_vjp(prior, mu, cotangent, xp)  # gates: <mu_bar, mu_p> (N, L); expert_outputs: pi_p mu_bar (N, L, d_out)
     x_bar, w_bars, b_bars = _log_prior_vjp(x, params, log_gates, prior * mix.gates, xp)
-    experts = linear_experts_vjp(x, params.experts, mix.expert_outputs)
+    experts = _linear_experts_vjp(x, params.experts, mix.expert_outputs, xp)
     return HMEGrads(x=x_bar + experts.x, params=_grads_record(params, w_bars, b_bars, experts.params))
 
 
@@ -442,7 +442,7 @@ def _log_joint(x: Any, y: Any, params: HMEParams, variance: float, xp: Any) -> t
     """``(log_gates, log_node_priors, leaf_log_density, mu)`` of one forward pass."""
     log_gates = _log_gates(x, params, xp)
     log_priors = _log_node_priors(log_gates, x, xp)
-    mu = linear_experts(x, params.experts)  # (N, L, d_out)
+    mu = _linear_experts(x, params.experts, xp)  # (N, L, d_out)
     return log_gates, log_priors, _leaf_log_density(y, mu, variance, xp), mu
 
 
@@ -490,7 +490,7 @@ def hme_log_likelihood(x: Any, y: Any, params: HMEParams, *, variance: float = 1
     >>> bool(np.isclose(hme_log_likelihood(np.ones((1, 1)), np.zeros((1, 1)), p)[0], -0.5 * np.log(2 * np.pi)))
     True
     """
-    xp, _ = _check_hme(x, params, y, variance)
+    xp, _ = _check_hme(x, params, y, variance, with_y=True)
     _, log_priors, leaf, _ = _log_joint(x, y, params, variance, xp)
     return logsumexp(log_priors[-1] + leaf, axis=-1)  # (N,)
 
@@ -530,15 +530,15 @@ def hme_log_likelihood_vjp(
     HMELogLikelihoodGrads
         ``x`` (N, d_in), ``y`` (N, d_out), ``params`` an `HMEParams` shaped like ``params``.
     """
-    xp, _ = _check_hme(x, params, y, variance)
-    _check_cotangent(x, cotangent, (x.shape[0],), "one entry per input, like the log-likelihood")
+    xp, _ = _check_hme(x, params, y, variance, with_y=True)
+    check_cotangent(cotangent, (x.shape[0],), like=x, what="one entry per input, like the log-likelihood")
     log_gates, log_priors, leaf, mu = _log_joint(x, y, params, variance, xp)
     log_joint = log_priors[-1] + leaf  # (N, L)
     ll = logsumexp(log_joint, axis=-1, keepdims=True)  # (N, 1)
     weight = cotangent[:, None] * xp.exp(log_joint - _safe_log_normaliser(ll, xp))  # (N, L): ell_bar h_p
     mu_bar = weight[:, :, None] * (y[:, None, :] - mu) / variance  # (N, L, d_out)
     x_bar, w_bars, b_bars = _log_prior_vjp(x, params, log_gates, weight, xp)
-    experts = linear_experts_vjp(x, params.experts, mu_bar)
+    experts = _linear_experts_vjp(x, params.experts, mu_bar, xp)
     return HMELogLikelihoodGrads(
         x=x_bar + experts.x,
         y=-xp.sum(mu_bar, axis=1),  # (N, d_out)
@@ -642,7 +642,12 @@ def hme_posteriors(x: Any, y: Any, params: HMEParams, *, variance: float = 1.0) 
     >>> hme_posteriors(np.ones((1, 1)), np.zeros((1, 1)), p).paths.tolist()  # y = 0 is explained by expert 0
     [[1.0, 0.0]]
     """
-    xp, _ = _check_hme(x, params, y, variance)
+    xp, _ = _check_hme(x, params, y, variance, with_y=True)
+    return _posteriors(x, y, params, variance, xp)
+
+
+def _posteriors(x: Any, y: Any, params: HMEParams, variance: float, xp: Any) -> HMEPosteriors:
+    """[`hme_posteriors`][moeref.hierarchical_moe.hme_posteriors] without argument checks (EM loops)."""
     log_gates, log_priors, leaf, _ = _log_joint(x, y, params, variance, xp)
     log_lambda = _upward_pass(log_gates, leaf, xp)  # levels 0..D, (N, M_l)
     ll = log_lambda[0][:, 0]  # (N,): the root's likelihood, so that h_root = 1 exactly

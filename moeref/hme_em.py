@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .core import device_of
+from .core import array_namespace, device_of
 from .em import (
     EMOptions,
     EStep,
@@ -66,11 +66,22 @@ from .em import (
 )
 from .em_init import RandomStart, random_starts
 from .experts import LinearExpertsParams
-from .gaussian_covariance import weighted_cov_mle
-from .hierarchical_moe import HMEParams, HMEPosteriors, hme_branching, hme_posteriors
+from .gaussian_covariance import _weighted_cov_mle
+from .hierarchical_moe import HMEParams, HMEPosteriors, _check_hme, _check_tree, _posteriors, hme_branching
 from .softmax_gate import SoftmaxGate, SoftmaxGateParams, fit_weighted_multinomial
-from .validation import check_arrays, check_float_array, check_positive_int, check_record_type, check_shape, concrete_bool
-from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
+from .validation import (
+    check_array,
+    check_arrays,
+    check_finite,
+    check_float_array,
+    check_positive_float,
+    check_positive_int,
+    check_record_type,
+    check_same_dtype,
+    check_shape,
+    concrete_bool,
+)
+from .weighted_lstsq import _design_matrix, _weighted_least_squares, split_coefficients
 
 __all__ = [
     "HMEFitParams",
@@ -156,14 +167,54 @@ class HMEFitResult(NamedTuple):
 
 
 def _check_data(x: Any, y: Any, params: HMEParams, name: str = "params") -> tuple[Any, tuple[int, ...]]:
+    """``x``, ``y`` and a tree named ``name``: types, shapes, one library and dtype, finite values
+    (gate biases: finite or -inf). Returns ``(xp, branching)``."""
     check_record_type(params, name, HMEParams)
-    branching = hme_branching(params)
-    xp = check_arrays({"x": x, "y": y})
-    check_float_array(x, "x", ndim=2)
-    check_float_array(y, "y", ndim=2)
-    d_out = params.experts.weight.shape[2]
-    check_shape(y, "y", (x.shape[0], d_out), what=f"x has N={x.shape[0]} rows and the experts have d_out={d_out}")
+    xp, branching = _check_hme(x, params, y, with_y=True, name=name)
     return xp, branching
+
+
+def _check_variance(variance: Any, name: str, like: Any) -> None:
+    """A positive finite variance: a Python number or a 0-d array of the library and dtype of ``like``."""
+    if isinstance(variance, (int, float)) and not isinstance(variance, bool):
+        check_positive_float(variance, name)
+        return
+    check_array(variance, name)
+    xp = check_arrays({"x": like, name: variance})
+    check_float_array(variance, name, ndim=0)
+    if concrete_bool(xp.all(variance > 0)) is False:
+        raise ValueError(f"{name} must be positive (a variance), got {float(variance)!r}")
+
+
+def _check_posteriors(post: HMEPosteriors, x: Any, branching: tuple[int, ...]) -> None:
+    """The posteriors the M-step reads: paths (N, L), nodes[l] (N, M_l) for l = 0..D and
+    conditionals[l] (N, M_l, b_l) for l < D; real floating like ``x``, finite and non-negative."""
+    N, D = x.shape[0], len(branching)
+    for field, count in (("nodes", D + 1), ("conditionals", D)):
+        levels = getattr(post, field)
+        if not isinstance(levels, (tuple, list)) or len(levels) != count:
+            got = f"{type(levels).__name__} of {len(levels)}" if isinstance(levels, (tuple, list)) else type(levels).__name__
+            raise TypeError(f"posteriors.{field} must be a tuple of {count} arrays (the tree has depth D={D}), got {got}")
+    expected = {"posteriors.paths": (post.paths, (N, math.prod(branching)))}
+    nodes = 1
+    for l, b in enumerate(branching):
+        expected[f"posteriors.nodes[{l}]"] = (post.nodes[l], (N, nodes))
+        expected[f"posteriors.conditionals[{l}]"] = (post.conditionals[l], (N, nodes, b))
+        nodes *= b
+    expected[f"posteriors.nodes[{D}]"] = (post.nodes[D], (N, nodes))
+    for name, (a, _) in expected.items():
+        check_array(a, name)
+    xp = check_arrays({"x": x, **{name: a for name, (a, _) in expected.items()}})
+    for name, (a, shape) in expected.items():
+        check_float_array(a, name, ndim=len(shape))
+        check_shape(a, name, shape, what=f"N={N} samples and the tree's branching {tuple(branching)}")
+        if concrete_bool(xp.all(a >= 0)) is False:
+            raise ValueError(f"{name} must be non-negative (posterior probabilities)")
+
+
+def _check_min(v: Any, name: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
+        raise ValueError(f"{name} must be a non-negative float (finite), got {v!r}")
 
 
 def _check_gate(gate: Any) -> SoftmaxGate:
@@ -215,12 +266,26 @@ def hme_penalty(params: HMEParams, gate: SoftmaxGate = SoftmaxGate()) -> float:
     0 when ``gate.ridge == 0``.
     """
     _check_gate(gate)
+    check_record_type(params, "params", HMEParams)
+    _check_tree(params, None)
+    gates = {f"params.gate_weights[{l}]": w for l, w in enumerate(params.gate_weights)}
+    gates |= {f"params.gate_biases[{l}]": b for l, b in enumerate(params.gate_biases)}
+    array_namespace(*gates.values(), names=tuple(gates))
+    check_same_dtype(gates)
+    for name, a in gates.items():
+        check_finite(a, name)
+    return _penalty(params, gate)
+
+
+def _penalty(params: HMEParams, gate: SoftmaxGate) -> float:
+    """[`hme_penalty`][moeref.hme_em.hme_penalty] without argument checks (EM loops)."""
     if gate.ridge == 0.0:
         return 0.0
+    xp = array_namespace(params.gate_weights[0])
     total = 0.0
     for l, w in enumerate(params.gate_weights):
         for m in range(w.shape[0]):
-            total += float(gate.penalty(gate.constrained(gate.unconstrained(_node(params, l, m)))))
+            total += float(gate._penalty(gate.constrained(gate.unconstrained(_node(params, l, m))), xp))
     return total
 
 
@@ -246,8 +311,8 @@ def hme_e_step(x: Any, y: Any, params: HMEParams, *, variance: float = 1.0) -> E
     EStep
         ``loglik`` (0-d, unpenalised), ``log_responsibilities`` (N, L); an underflowed posterior is $-\infty$.
     """
-    xp, _ = _check_data(x, y, params)
-    return _e_step_from(hme_posteriors(x, y, params, variance=variance), xp)
+    xp, _ = _check_hme(x, params, y, variance, with_y=True)
+    return _e_step_from(_posteriors(x, y, params, variance, xp), xp)
 
 
 def hme_m_step(
@@ -315,19 +380,31 @@ def hme_m_step(
     check_record_type(state, "state", HMEFitParams)
     check_record_type(posteriors, "posteriors", HMEPosteriors)
     _check_gate(gate)
-    xp, _ = _check_data(x, y, state.hme, "state.hme")
+    xp, branching = _check_data(x, y, state.hme, "state.hme")
+    _check_variance(state.variance, "state.variance", x)
+    _check_posteriors(posteriors, x, branching)
+    if not isinstance(estimate_variance, bool):
+        raise TypeError(f"estimate_variance must be a bool, got {type(estimate_variance).__name__}")
+    _check_min(min_weight, "min_weight")
+    _check_min(min_sigma, "min_sigma")
+    return _m_step(x, y, state, posteriors, estimate_variance, gate, min_weight, min_sigma, xp)
+
+
+def _m_step(
+    x: Any, y: Any, state: HMEFitParams, posteriors: HMEPosteriors, estimate_variance: bool, gate: SoftmaxGate,
+    min_weight: float, min_sigma: float, xp: Any,
+) -> HMEFitParams:
+    """[`hme_m_step`][moeref.hme_em.hme_m_step] without argument checks (EM loops, random starts)."""
     N, d_in = x.shape
-    L = state.hme.experts.weight.shape[0]
-    check_shape(posteriors.paths, "posteriors.paths", (N, L), what=f"N={N} samples, L={L} leaves")
     # experts: weighted least squares per leaf on [x, 1], weights h_p
     check_nonempty_components(posteriors.paths, min_weight)
-    design = design_matrix(x, bias=True)  # (N, d_in + 1)
-    theta = weighted_least_squares(design, y, posteriors.paths)  # (L, d_in + 1, d_out)
+    design = _design_matrix(x, True, xp)  # (N, d_in + 1)
+    theta = _weighted_least_squares(design, y, posteriors.paths, xp)  # (L, d_in + 1, d_out)
     weight, bias = split_coefficients(theta, d_in, bias=True)
     variance = state.variance
     if estimate_variance:
         r = y[None, :, :] - xp.matmul(design[None, :, :], theta)  # (L, N, d_out)
-        variance = weighted_cov_mle("isotropic", r, posteriors.paths, tied=True, factor=1.0, min_sigma=min_sigma)[0]
+        variance = _weighted_cov_mle("isotropic", r, posteriors.paths, True, 1.0, min_sigma, xp)[0]
     # gates: one weighted multinomial fit per node, targets h_{c|m}, observation weights h_m
     new_w, new_b = [], []
     for l in range(len(state.hme.gate_weights)):
@@ -437,7 +514,7 @@ def hme_random_starts(
 
     def m_step(paths: Any) -> HMEParams:
         post = _posteriors_from_paths(paths, branching, xp)
-        return hme_m_step(x, y, state, post, gate=gate, min_weight=min_weight).hme
+        return _m_step(x, y, state, post, False, gate, min_weight, 1e-8, xp).hme
 
     return random_starts(
         generator, n_starts, m_step, n_components=int(template.experts.weight.shape[0]), like=x, scheme=scheme
@@ -549,9 +626,8 @@ def fit_hme(
         raise TypeError(f"estimate_variance must be a bool, got {type(estimate_variance).__name__}")
     _check_gate(gate)
     options = _check_options(options)
-    for name, v in (("min_weight", min_weight), ("min_sigma", min_sigma)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"{name} must be a non-negative float, got {v!r}")
+    _check_min(min_weight, "min_weight")
+    _check_min(min_sigma, "min_sigma")
 
     starts = [init]
     if restarts is not None:
@@ -581,19 +657,16 @@ def fit_hme(
         penalties: list[float] = []
 
         def e_step(state: HMEFitParams) -> EStep:
-            post = hme_posteriors(x, y, state.hme, variance=float(state.variance))
+            post = _posteriors(x, y, state.hme, float(state.variance), xp)
             last["state"], last["posteriors"] = state, post
-            pen = hme_penalty(state.hme, gate)
+            pen = _penalty(state.hme, gate)
             penalties.append(pen)
             e = _e_step_from(post, xp)
             return EStep(loglik=e.loglik - pen, log_responsibilities=e.log_responsibilities)
 
         def m_step(state: HMEFitParams, tau: Any) -> HMEFitParams:
-            post = last["posteriors"] if last.get("state") is state else hme_posteriors(x, y, state.hme, variance=float(state.variance))
-            return hme_m_step(
-                x, y, state, post,
-                estimate_variance=estimate_variance, gate=gate, min_weight=min_weight, min_sigma=min_sigma,
-            )
+            post = last["posteriors"] if last.get("state") is state else _posteriors(x, y, state.hme, float(state.variance), xp)
+            return _m_step(x, y, state, post, estimate_variance, gate, min_weight, min_sigma, xp)
 
         res = run_em(e_step, m_step, state0, n_samples=x.shape[0], n_free_parameters=n_free, options=options)
         return PenalisedRun(res, tuple(penalties[: len(res.loglik_trace)])), res.loglik, res.loglik + penalties[-1]

@@ -54,8 +54,9 @@ from typing import Any, NamedTuple
 from .core import array_namespace
 from .em import CollapsedVarianceError, check_nonempty_components, check_nonnegative_float, first_true
 from .families import ExpertInputGrads
-from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
+from .weighted_lstsq import _design_matrix, _weighted_least_squares, split_coefficients
 from .validation import (
+    check_cotangent,
     check_responsibilities,
     check_choice,
     check_finite,
@@ -230,7 +231,7 @@ class LinearLaplaceExperts:
         cotangent : array, shape (N, K)
         """
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.weight.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.weight.shape[0]), like=x, what="like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         g, s_bar = self._grads(params, x, y, cotangent, xp)
         b_bar = xp.sum(g, axis=0) if self.bias else xp.zeros_like(params.bias)
@@ -247,7 +248,7 @@ class LinearLaplaceExperts:
     def log_density_input_vjp(self, params: LinearLaplaceExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
         r"""$\bar x_i = \sum_k g_{ik}\beta_k$, $\bar y_i = -\sum_k g_{ik}$ (``y.shape`` kept)."""
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.weight.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.weight.shape[0]), like=x, what="like log_density")
         g, _ = self._grads(params, x, y, cotangent, xp)
         return ExpertInputGrads(x=g @ params.weight, y=xp.reshape(-xp.sum(g, axis=1), y.shape))
 
@@ -293,14 +294,14 @@ class LinearLaplaceExperts:
         check_finite(y, "y")
         n_k = check_nonempty_components(weights, self.min_weight)  # (K,)
         _, c = _constants(self.scale)
-        design = design_matrix(x, bias=self.bias)  # (N, p)
+        design = _design_matrix(x, self.bias, xp)  # (N, p)
         y2 = xp.reshape(y, (y.shape[0], 1))  # (N, 1)
         current = params
         for _ in range(self.mm_steps):
             r = self._residuals(current, x, y, xp)  # (N, K)
             floor = self.eps * current.scale  # (K,)
             omega = weights / xp.maximum(xp.abs(r), floor)  # (N, K)
-            theta = weighted_least_squares(design, y2, omega)  # (K, p, 1)
+            theta = _weighted_least_squares(design, y2, omega, xp)  # (K, p, 1)
             weight, bias = split_coefficients(theta, d, bias=self.bias)  # (K, d, 1), (K, 1)
             weight, bias = weight[:, :, 0], bias[:, 0]
             r_new = xp.reshape(y, (y.shape[0],))[:, None] - (x @ xp.matrix_transpose(weight) + bias)  # (N, K)

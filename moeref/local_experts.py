@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Union
 
-from .core import array_namespace, device_of, log_softmax, logsumexp, softmax, tree_add_scaled
-from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
-from .gates import LinearSoftmaxGateParams, linear_softmax_gate_logits, linear_softmax_gate_vjp
-from .mixture import mixture, mixture_vjp
+from .core import _tree_add_scaled, device_of, log_softmax, logsumexp, softmax
+from .experts import LinearExpertsParams, _linear_experts, _linear_experts_vjp
+from .gates import LinearSoftmaxGateParams, _gate_vjp, _logits
+from .mixture import _mixture, _mixture_vjp
 from .validation import (
+    check_array,
     check_arrays,
+    check_cotangent,
     check_experts_params,
     check_float_array,
     check_gate_params,
@@ -126,28 +128,32 @@ class LocalExpertsFit(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_local_experts(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
-    """Validate ``(x, y, params)``; ``y`` may be ``None``. Returns the namespace."""
-    check_record_type(params, "params", (LocalExpertsParams, LinearLocalExpertsParams))
-    check_record_type(params.gate, "params.gate", LinearSoftmaxGateParams)
-    named = {"x": x, "y": y, "params.gate.weight": params.gate.weight, "params.gate.bias": params.gate.bias}
+def _check_local_experts(x: Any, y: Any, params: Any, *, with_y: bool = False, name: str = "params") -> Any:
+    """Validate ``(x, y, params)`` (``y`` only ``with_y``; ``name``: the record's argument name). Returns the namespace."""
+    check_record_type(params, name, (LocalExpertsParams, LinearLocalExpertsParams))
+    check_record_type(params.gate, f"{name}.gate", LinearSoftmaxGateParams)
+    check_array(x, "x")
+    if with_y:
+        check_array(y, "y")
+    named = {"x": x, "y": y if with_y else None, f"{name}.gate.weight": params.gate.weight, f"{name}.gate.bias": params.gate.bias}
     if isinstance(params, LocalExpertsParams):
-        named["params.means"] = params.means
+        named[f"{name}.means"] = params.means
     else:
-        check_record_type(params.experts, "params.experts", LinearExpertsParams)
-        named["params.experts.weight"] = params.experts.weight
-        named["params.experts.bias"] = params.experts.bias
-    xp = check_arrays(named, finite=finite)
+        check_record_type(params.experts, f"{name}.experts", LinearExpertsParams)
+        named[f"{name}.experts.weight"] = params.experts.weight
+        named[f"{name}.experts.bias"] = params.experts.bias
+    # a -inf gate bias switches an expert off, as in moeref.gates
+    xp = check_arrays(named, neg_inf_ok=(f"{name}.gate.bias",))
     check_float_array(x, "x", ndim=2)
     N, d_in = x.shape
-    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name="params.gate")
+    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name=f"{name}.gate")
     if isinstance(params, LocalExpertsParams):
-        check_float_array(params.means, "params.means", ndim=2)
-        check_shape(params.means, "params.means", (n, None), what=f"the gate has n={n} outputs, one per expert")
+        check_float_array(params.means, f"{name}.means", ndim=2)
+        check_shape(params.means, f"{name}.means", (n, None), what=f"the gate has n={n} outputs, one per expert")
         d_out = params.means.shape[1]
     else:
-        _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name="params.experts")
-    if y is not None:
+        _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name=f"{name}.experts")
+    if with_y:
         check_float_array(y, "y", ndim=2)
         check_shape(y, "y", (N, d_out), what=f"x has N={N} rows and the experts have d_out={d_out} outputs")
     return xp
@@ -163,12 +169,12 @@ def _expert_means(x: Any, params: AnyLocalExpertsParams, xp: Any) -> Any:
     if isinstance(params, LocalExpertsParams):
         n, d_out = params.means.shape
         return xp.broadcast_to(params.means[None, :, :], (x.shape[0], n, d_out))  # (N, n, d_out)
-    return linear_experts(x, params.experts)  # (N, n, d_out)
+    return _linear_experts(x, params.experts, xp)  # (N, n, d_out)
 
 
 def _log_joint(x: Any, y: Any, params: AnyLocalExpertsParams, variance: float, xp: Any) -> tuple[Any, Any, Any]:
     """``(log w, y - mu, log w + log N(y | mu, variance I))``."""
-    log_w = log_softmax(linear_softmax_gate_logits(x, params.gate), axis=-1)  # (N, n)
+    log_w = log_softmax(_logits(x, params.gate, xp), axis=-1)  # (N, n)
     resid = y[:, None, :] - _expert_means(x, params, xp)  # (N, n, d_out)
     d_out = y.shape[1]
     log_norm = -0.5 * d_out * math.log(2.0 * math.pi * variance)
@@ -197,7 +203,7 @@ def _value_and_vjp(
     if isinstance(params, LocalExpertsParams):
         p_bar: AnyLocalExpertsParams = LocalExpertsParams(gate=gate_bar, means=xp.sum(mu_bar, axis=0))  # (n, d_out)
     else:
-        e = linear_experts_vjp(x, params.experts, mu_bar)
+        e = _linear_experts_vjp(x, params.experts, mu_bar, xp)
         x_bar = x_bar + e.x
         p_bar = LinearLocalExpertsParams(gate=gate_bar, experts=e.params)
     return ll, LocalExpertsLogLikelihoodGrads(x=x_bar, y=y_bar, params=p_bar)
@@ -224,7 +230,7 @@ def local_experts_means(x: Any, params: AnyLocalExpertsParams) -> Any:
     -------
     array, shape (N, n, d_out)
     """
-    xp = _check_local_experts(x, None, params, finite=False)
+    xp = _check_local_experts(x, None, params)
     return _expert_means(x, params, xp)
 
 
@@ -289,7 +295,7 @@ def local_experts_log_likelihood(x: Any, y: Any, params: AnyLocalExpertsParams, 
     True
     """
     variance = check_positive_float(variance, "variance")
-    xp = _check_local_experts(x, y, params)
+    xp = _check_local_experts(x, y, params, with_y=True)
     _, _, log_joint = _log_joint(x, y, params, variance, xp)
     return logsumexp(log_joint, axis=1)  # (N,)
 
@@ -331,7 +337,7 @@ def local_experts_posteriors(x: Any, y: Any, params: AnyLocalExpertsParams, *, v
     [[0.5, 0.5]]
     """
     variance = check_positive_float(variance, "variance")
-    xp = _check_local_experts(x, y, params)
+    xp = _check_local_experts(x, y, params, with_y=True)
     _, _, log_joint = _log_joint(x, y, params, variance, xp)
     return softmax(log_joint, axis=1)  # (N, n)
 
@@ -379,10 +385,8 @@ def local_experts_log_likelihood_vjp(
     [[0.5], [-0.5]]
     """
     variance = check_positive_float(variance, "variance")
-    xp = _check_local_experts(x, y, params)
-    array_namespace(x, cotangent, names=("x", "cotangent"))
-    check_float_array(cotangent, "cotangent", ndim=1)
-    check_shape(cotangent, "cotangent", (x.shape[0],), what="one entry per case, like the log-likelihood")
+    xp = _check_local_experts(x, y, params, with_y=True)
+    check_cotangent(cotangent, (x.shape[0],), like=x, what="one entry per case, like the log-likelihood")
     _, grads = _value_and_vjp(x, y, params, cotangent, variance, xp)
     return grads
 
@@ -416,8 +420,8 @@ def local_experts_predict(x: Any, params: AnyLocalExpertsParams) -> Any:
     [[1.0]]
     """
     xp = _check_local_experts(x, None, params)
-    gates = softmax(linear_softmax_gate_logits(x, params.gate), axis=-1)  # (N, n)
-    return mixture(gates, _expert_means(x, params, xp))  # (N, d_out)
+    gates = softmax(_logits(x, params.gate, xp), axis=-1)  # (N, n)
+    return _mixture(gates, _expert_means(x, params, xp), xp)  # (N, d_out)
 
 
 def local_experts_predict_vjp(x: Any, params: AnyLocalExpertsParams, cotangent: Any) -> LocalExpertsPredictGrads:
@@ -436,18 +440,17 @@ def local_experts_predict_vjp(x: Any, params: AnyLocalExpertsParams, cotangent: 
     cotangent : array, shape (N, d_out)
     """
     xp = _check_local_experts(x, None, params)
-    gates = softmax(linear_softmax_gate_logits(x, params.gate), axis=-1)  # (N, n)
+    d_out = params.means.shape[1] if isinstance(params, LocalExpertsParams) else params.experts.weight.shape[2]
+    check_cotangent(cotangent, (x.shape[0], d_out), like=x, what="the shape of the prediction (N, d_out)")
+    gates = softmax(_logits(x, params.gate, xp), axis=-1)  # (N, n)
     mu = _expert_means(x, params, xp)  # (N, n, d_out)
-    array_namespace(x, cotangent, names=("x", "cotangent"))
-    check_float_array(cotangent, "cotangent", ndim=2)
-    check_shape(cotangent, "cotangent", (x.shape[0], mu.shape[2]))
-    m = mixture_vjp(gates, mu, cotangent)
-    g = linear_softmax_gate_vjp(x, params.gate, m.gates, gates=gates)
+    m = _mixture_vjp(gates, mu, cotangent, xp)
+    g = _gate_vjp(x, params.gate, m.gates, gates, xp)
     if isinstance(params, LocalExpertsParams):
         return LocalExpertsPredictGrads(
             x=g.x, params=LocalExpertsParams(gate=g.params, means=xp.sum(m.expert_outputs, axis=0))  # (n, d_out)
         )
-    e = linear_experts_vjp(x, params.experts, m.expert_outputs)
+    e = _linear_experts_vjp(x, params.experts, m.expert_outputs, xp)
     return LocalExpertsPredictGrads(x=g.x + e.x, params=LinearLocalExpertsParams(gate=g.params, experts=e.params))
 
 
@@ -509,7 +512,7 @@ def fit_local_experts(
     variance = check_positive_float(variance, "variance")
     learning_rate = check_positive_float(learning_rate, "learning_rate")
     steps = check_positive_int(steps, "steps", minimum=0)
-    xp = _check_local_experts(x, y, init_params)
+    xp = _check_local_experts(x, y, init_params, with_y=True, name="init_params")
     N = x.shape[0]
     ct = xp.full((N,), 1.0 / N, dtype=x.dtype, device=device_of(x))  # d mean / d ll_n
     params = init_params
@@ -517,7 +520,7 @@ def fit_local_experts(
     for _ in range(steps):
         ll, grads = _value_and_vjp(x, y, params, ct, variance, xp)
         trace.append(xp.mean(ll))
-        params = tree_add_scaled(params, grads.params, learning_rate)
+        params = _tree_add_scaled(params, grads.params, learning_rate)
     _, _, log_joint = _log_joint(x, y, params, variance, xp)
     trace.append(xp.mean(logsumexp(log_joint, axis=1)))
     return LocalExpertsFit(params=params, log_likelihood=xp.stack(trace))

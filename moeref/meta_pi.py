@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, softmax, tree_add_scaled
-from .experts import LinearExpertsParams, linear_experts, linear_experts_vjp
-from .gates import LinearSoftmaxGateParams, linear_softmax_gate_logits, linear_softmax_gate_vjp
-from .mixture import mixture, mixture_vjp
+from .core import _tree_add_scaled, device_of, softmax
+from .experts import LinearExpertsParams, _linear_experts, _linear_experts_vjp
+from .gates import LinearSoftmaxGateParams, _gate_vjp, _logits
+from .mixture import _mixture, _mixture_vjp
 from .validation import (
+    check_array,
     check_arrays,
+    check_cotangent,
+    check_scalar_cotangent,
     check_experts_params,
     check_float_array,
     check_gate_params,
@@ -121,27 +124,30 @@ class MetaPiFit(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_meta_pi(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
-    """Validate ``(x, y, params)``; ``y`` may be ``None``. Returns the namespace."""
-    check_record_type(params, "params", MetaPiParams)
-    check_record_type(params.gate, "params.gate", LinearSoftmaxGateParams)
-    check_record_type(params.experts, "params.experts", LinearExpertsParams)
+def _check_meta_pi(x: Any, y: Any, params: Any, *, with_y: bool = False, name: str = "params") -> Any:
+    """Validate ``(x, y, params)`` (``y`` only ``with_y``; ``name``: the record's argument name). Returns the namespace."""
+    check_record_type(params, name, MetaPiParams)
+    check_record_type(params.gate, f"{name}.gate", LinearSoftmaxGateParams)
+    check_record_type(params.experts, f"{name}.experts", LinearExpertsParams)
+    check_array(x, "x")
+    if with_y:
+        check_array(y, "y")
     xp = check_arrays(
         {
             "x": x,
-            "y": y,
-            "params.gate.weight": params.gate.weight,
-            "params.gate.bias": params.gate.bias,
-            "params.experts.weight": params.experts.weight,
-            "params.experts.bias": params.experts.bias,
+            "y": y if with_y else None,
+            f"{name}.gate.weight": params.gate.weight,
+            f"{name}.gate.bias": params.gate.bias,
+            f"{name}.experts.weight": params.experts.weight,
+            f"{name}.experts.bias": params.experts.bias,
         },
-        finite=finite,
+        neg_inf_ok=(f"{name}.gate.bias",),  # a -inf gate bias switches an expert off, as in moeref.gates
     )
     check_float_array(x, "x", ndim=2)
     N, d_in = x.shape
-    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name="params.gate")
-    _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name="params.experts")
-    if y is not None:
+    n = check_gate_params(params.gate.weight, params.gate.bias, d_in, name=f"{name}.gate")
+    _, d_out = check_experts_params(params.experts.weight, params.experts.bias, d_in, n=n, name=f"{name}.experts")
+    if with_y:
         check_float_array(y, "y", ndim=2)
         check_shape(y, "y", (N, d_out), what=f"x has N={N} rows and the experts have d_out={d_out} outputs")
     return xp
@@ -152,17 +158,17 @@ def _check_meta_pi(x: Any, y: Any, params: Any, *, finite: bool = True) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(x: Any, params: MetaPiParams) -> tuple[Any, Any, Any]:
+def _forward(x: Any, params: MetaPiParams, xp: Any) -> tuple[Any, Any, Any]:
     """``(w(x), f_i(x), f(x))``."""
-    gates = softmax(linear_softmax_gate_logits(x, params.gate), axis=-1)  # (N, n)
-    outputs = linear_experts(x, params.experts)  # (N, n, d_out)
-    return gates, outputs, mixture(gates, outputs)  # (N, d_out)
+    gates = softmax(_logits(x, params.gate, xp), axis=-1)  # (N, n)
+    outputs = _linear_experts(x, params.experts, xp)  # (N, n, d_out)
+    return gates, outputs, _mixture(gates, outputs, xp)  # (N, d_out)
 
 
-def _backward(x: Any, params: MetaPiParams, gates: Any, outputs: Any, f_bar: Any) -> MetaPiGrads:
-    m = mixture_vjp(gates, outputs, f_bar)  # gates (N, n), expert_outputs (N, n, d_out)
-    g = linear_softmax_gate_vjp(x, params.gate, m.gates, gates=gates)
-    e = linear_experts_vjp(x, params.experts, m.expert_outputs)
+def _backward(x: Any, params: MetaPiParams, gates: Any, outputs: Any, f_bar: Any, xp: Any) -> MetaPiGrads:
+    m = _mixture_vjp(gates, outputs, f_bar, xp)  # gates (N, n), expert_outputs (N, n, d_out)
+    g = _gate_vjp(x, params.gate, m.gates, gates, xp)
+    e = _linear_experts_vjp(x, params.experts, m.expert_outputs, xp)
     return MetaPiGrads(
         x=g.x + e.x,  # (N, d_in)
         params=MetaPiParams(gate=g.params, experts=e.params),
@@ -172,12 +178,12 @@ def _backward(x: Any, params: MetaPiParams, gates: Any, outputs: Any, f_bar: Any
 
 
 def _loss_and_grads(x: Any, y: Any, params: MetaPiParams, scale: Any, xp: Any) -> tuple[Any, MetaPiLossGrads]:
-    gates, outputs, f = _forward(x, params)
+    gates, outputs, f = _forward(x, params, xp)
     resid = y - f  # (N, d_out)
     N = x.shape[0]
     loss = xp.sum(resid * resid) / N  # ()
     f_bar = (-2.0 / N) * scale * resid  # (N, d_out)
-    g = _backward(x, params, gates, outputs, f_bar)
+    g = _backward(x, params, gates, outputs, f_bar, xp)
     return loss, MetaPiLossGrads(x=g.x, y=-f_bar, params=g.params, expert_outputs=g.expert_outputs, gates=g.gates)
 
 
@@ -241,8 +247,7 @@ def meta_pi(x: Any, params: MetaPiParams) -> Any:
     >>> meta_pi(np.array([[1.0]]), p).tolist()  # (1 + 3) / 2
     [[2.0]]
     """
-    _check_meta_pi(x, None, params)
-    return _forward(x, params)[2]
+    return _forward(x, params, _check_meta_pi(x, None, params))[2]
 
 
 def meta_pi_vjp(x: Any, params: MetaPiParams, cotangent: Any) -> MetaPiGrads:
@@ -281,12 +286,10 @@ def meta_pi_vjp(x: Any, params: MetaPiParams, cotangent: Any) -> MetaPiGrads:
     >>> g.gates.tolist(), g.x.tolist()  # f_i(1) = 1, 3; zero gate weights, so df/dx = (1 + 3) / 2
     ([[1.0, 3.0]], [[2.0]])
     """
-    _check_meta_pi(x, None, params)
-    array_namespace(x, cotangent, names=("x", "cotangent"))
-    gates, outputs, f = _forward(x, params)
-    check_float_array(cotangent, "cotangent", ndim=2)
-    check_shape(cotangent, "cotangent", tuple(f.shape), what="the shape of meta_pi's output")
-    return _backward(x, params, gates, outputs, cotangent)
+    xp = _check_meta_pi(x, None, params)
+    check_cotangent(cotangent, (x.shape[0], params.experts.weight.shape[2]), like=x, what="the shape of meta_pi's output (N, d_out)")
+    gates, outputs, _ = _forward(x, params, xp)
+    return _backward(x, params, gates, outputs, cotangent, xp)
 
 
 def meta_pi_loss(x: Any, y: Any, params: MetaPiParams) -> Any:
@@ -324,8 +327,8 @@ def meta_pi_loss(x: Any, y: Any, params: MetaPiParams) -> Any:
     >>> float(meta_pi_loss(np.array([[1.0], [2.0]]), np.array([[2.0], [2.0]]), p))  # (0 + 2^2) / 2
     2.0
     """
-    xp = _check_meta_pi(x, y, params)
-    resid = y - _forward(x, params)[2]  # (N, d_out)
+    xp = _check_meta_pi(x, y, params, with_y=True)
+    resid = y - _forward(x, params, xp)[2]  # (N, d_out)
     return xp.sum(resid * resid) / x.shape[0]
 
 
@@ -348,14 +351,11 @@ def meta_pi_loss_vjp(x: Any, y: Any, params: MetaPiParams, cotangent: Any = None
     MetaPiLossGrads
         ``x``, ``y``, ``params``, then the intermediate cotangents ``expert_outputs`` and ``gates``.
     """
-    xp = _check_meta_pi(x, y, params)
+    xp = _check_meta_pi(x, y, params, with_y=True)
     if cotangent is None:
         cotangent = xp.ones((), dtype=x.dtype, device=device_of(x))
-    elif isinstance(cotangent, (int, float)) and not isinstance(cotangent, bool):
-        cotangent = xp.full((), float(cotangent), dtype=x.dtype, device=device_of(x))
     else:
-        check_float_array(cotangent, "cotangent", ndim=0)
-        array_namespace(x, cotangent, names=("x", "cotangent"))
+        cotangent = check_scalar_cotangent(cotangent, x, what="the loss is a scalar")
     return _loss_and_grads(x, y, params, cotangent, xp)[1]
 
 
@@ -416,16 +416,16 @@ def fit_meta_pi(
     steps = check_positive_int(steps, "steps", minimum=0)
     if not isinstance(update_experts, bool):
         raise TypeError(f"update_experts must be a bool, got {type(update_experts).__name__}")
-    xp = _check_meta_pi(x, y, init_params)
+    xp = _check_meta_pi(x, y, init_params, with_y=True, name="init_params")
     one = xp.ones((), dtype=x.dtype, device=device_of(x))
     params = init_params
     trace = []
     for _ in range(steps):
         loss, grads = _loss_and_grads(x, y, params, one, xp)
         trace.append(loss)
-        gate = tree_add_scaled(params.gate, grads.params.gate, -learning_rate)
-        experts = tree_add_scaled(params.experts, grads.params.experts, -learning_rate) if update_experts else params.experts
+        gate = _tree_add_scaled(params.gate, grads.params.gate, -learning_rate)
+        experts = _tree_add_scaled(params.experts, grads.params.experts, -learning_rate) if update_experts else params.experts
         params = MetaPiParams(gate=gate, experts=experts)
-    resid = y - _forward(x, params)[2]  # (N, d_out)
+    resid = y - _forward(x, params, xp)[2]  # (N, d_out)
     trace.append(xp.sum(resid * resid) / x.shape[0])
     return MetaPiFit(params=params, loss=xp.stack(trace))

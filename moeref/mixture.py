@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .core import argmax, array_namespace, one_hot
-from .validation import check_finite, check_float_array, check_same_dtype, check_shape
+from .validation import check_cotangent, check_finite, check_float_array, check_same_dtype, check_shape
 
 __all__ = ["MixtureGrads", "mixture", "mixture_vjp", "hard_mixture", "hard_mixture_vjp"]
 
@@ -63,7 +63,10 @@ def mixture(gates: Any, expert_outputs: Any) -> Any:
     >>> mixture(np.array([[0.25, 0.75]]), np.array([[[4.0], [8.0]]])).tolist()
     [[7.0]]
     """
-    xp = _check_mixture(gates, expert_outputs)
+    return _mixture(gates, expert_outputs, _check_mixture(gates, expert_outputs))
+
+
+def _mixture(gates: Any, expert_outputs: Any, xp: Any) -> Any:
     return xp.sum(gates[:, :, None] * expert_outputs, axis=1)  # (N, d)
 
 
@@ -77,7 +80,12 @@ def mixture_vjp(gates: Any, expert_outputs: Any, cotangent: Any) -> MixtureGrads
     cotangent : array, shape (N, d)
     """
     xp = _check_mixture(gates, expert_outputs)
-    check_shape(cotangent, "cotangent", (gates.shape[0], expert_outputs.shape[2]))
+    check_cotangent(cotangent, (gates.shape[0], expert_outputs.shape[2]), like=gates, what="the shape of the mixture's output")
+    return _mixture_vjp(gates, expert_outputs, cotangent, xp)
+
+
+def _mixture_vjp(gates: Any, expert_outputs: Any, cotangent: Any, xp: Any) -> MixtureGrads:
+    """The VJP without argument checks (internal callers)."""
     return MixtureGrads(
         gates=xp.sum(expert_outputs * cotangent[:, None, :], axis=2),  # (N, n)
         expert_outputs=gates[:, :, None] * cotangent[:, None, :],  # (N, n, d)
@@ -114,6 +122,6 @@ def hard_mixture_vjp(gates: Any, expert_outputs: Any, cotangent: Any) -> Mixture
     tie the derivative does not exist and 0 is returned); $\bar f_{ni} = [i = i^*_n]\,\bar f_n$.
     """
     xp = _check_mixture(gates, expert_outputs)
-    check_shape(cotangent, "cotangent", (gates.shape[0], expert_outputs.shape[2]))
+    check_cotangent(cotangent, (gates.shape[0], expert_outputs.shape[2]), like=gates, what="the shape of the mixture's output")
     chosen = one_hot(argmax(gates, axis=-1), gates.shape[1], dtype=expert_outputs.dtype)  # (N, n)
     return MixtureGrads(gates=xp.zeros_like(gates), expert_outputs=chosen[:, :, None] * cotangent[:, None, :])

@@ -20,8 +20,17 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, log_softmax, log_softmax_vjp, logsumexp, one_hot, take_along_axis
-from .validation import check_float_array, check_same_dtype, check_shape, concrete_bool
+from .core import _log_softmax_vjp, _take_along_axis, array_namespace, log_softmax, logsumexp, one_hot
+from .validation import (
+    check_cotangent,
+    check_scalar_cotangent,
+    check_finite,
+    check_float_array,
+    check_index_range,
+    check_int_array,
+    check_same_dtype,
+    check_shape,
+)
 
 __all__ = [
     "MixtureOfSoftmaxesParams",
@@ -136,24 +145,17 @@ def _check_mos(g: Any, params: MixtureOfSoftmaxesParams) -> Any:
     check_shape(params.output_weight, "params.output_weight", (d_e, V), what=f"params.latent_weight has d_e={d_e}")
     check_shape(params.output_bias, "params.output_bias", (V,), what=f"params.output_weight has V={V} columns")
     check_same_dtype({"g": g, **{n: a for n, a in zip(_PARAM_NAMES, params)}})
+    for name, a in zip(("g",) + _PARAM_NAMES, (g, *params)):
+        check_finite(a, name)
     return xp
 
 
-def _check_targets(targets: Any, N: int, V: int) -> Any:
-    xp = array_namespace(targets, names=("targets",))
-    if not xp.isdtype(targets.dtype, "integral"):
-        raise TypeError(f"targets must have an integer dtype (token indices), got {targets.dtype}")
-    check_shape(targets, "targets", (N,), what=f"g has N={N} rows")
-    if concrete_bool(xp.all((targets >= 0) & (targets < V))) is False:
-        raise ValueError(f"targets must lie in [0, {V}) (V={V} is the vocabulary size of params.output_weight)")
+def _check_targets(targets: Any, g: Any, V: int) -> Any:
+    array_namespace(g, targets, names=("g", "targets"), allow_none=False)
+    check_int_array(targets, "targets")
+    check_shape(targets, "targets", (g.shape[0],), what=f"g has N={g.shape[0]} rows")
+    check_index_range(targets, "targets", V, what=f"params.output_weight has a vocabulary of V={V}")
     return targets
-
-
-def _scalar_cotangent(cotangent: Any, like: Any, xp: Any) -> Any:
-    if isinstance(cotangent, (int, float)) and not isinstance(cotangent, bool):
-        return xp.asarray(float(cotangent), dtype=like.dtype, device=device_of(like))
-    check_float_array(cotangent, "cotangent", ndim=0)
-    return cotangent
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +187,8 @@ def _backward(xp: Any, g: Any, params: MixtureOfSoftmaxesParams, fw: _Forward, c
     r = xp.exp(fw.joint - fw.exact_log_probs[:, None, :])  # (N, K, V)
     joint_bar = r * ct[:, None, :]  # (N, K, V)
     log_prior_bar = xp.sum(joint_bar, axis=2)  # (N, K)
-    prior_logits_bar = log_softmax_vjp(xp.exp(fw.log_prior), log_prior_bar)  # (N, K)
-    logits_bar = log_softmax_vjp(xp.exp(fw.component_log_probs), joint_bar)  # (N, K, V)
+    prior_logits_bar = _log_softmax_vjp(xp.exp(fw.log_prior), log_prior_bar, -1, xp)  # (N, K)
+    logits_bar = _log_softmax_vjp(xp.exp(fw.component_log_probs), joint_bar, -1, xp)  # (N, K, V)
     N, K, d_e = fw.h.shape
     V = logits_bar.shape[2]
     h_flat = xp.reshape(fw.h, (N * K, d_e))
@@ -315,7 +317,7 @@ def mixture_of_softmaxes_log_probs_vjp(
     """
     eps = _check_eps(eps)
     xp = _check_mos(g, params)
-    check_shape(cotangent, "cotangent", (g.shape[0], params.output_weight.shape[1]))
+    check_cotangent(cotangent, (g.shape[0], params.output_weight.shape[1]), like=g, what="the shape of the log-probabilities (N, V)")
     fw = _forward(xp, g, params, eps)
     return _backward(xp, g, params, fw, cotangent)
 
@@ -361,9 +363,9 @@ def mixture_of_softmaxes_nll(
     N, V = g.shape[0], params.output_weight.shape[1]
     if N < 1:
         raise ValueError("g must have at least one row: the mean negative log-likelihood of no data is undefined")
-    _check_targets(targets, N, V)
+    _check_targets(targets, g, V)
     log_probs = _forward(xp, g, params, eps).log_probs  # (N, V)
-    picked = take_along_axis(log_probs, xp.reshape(xp.astype(targets, xp.int64), (N, 1)), axis=1)  # (N, 1)
+    picked = _take_along_axis(log_probs, xp.reshape(xp.astype(targets, xp.int64), (N, 1)), axis=1)  # (N, 1)
     return -xp.mean(picked[:, 0])
 
 
@@ -398,8 +400,8 @@ def mixture_of_softmaxes_nll_vjp(
     N, V = g.shape[0], params.output_weight.shape[1]
     if N < 1:
         raise ValueError("g must have at least one row: the mean negative log-likelihood of no data is undefined")
-    _check_targets(targets, N, V)
-    ct = _scalar_cotangent(cotangent, g, xp)
+    _check_targets(targets, g, V)
+    ct = check_scalar_cotangent(cotangent, g, what="the loss is a scalar")
     log_probs_bar = (-ct / N) * one_hot(xp.astype(targets, xp.int64), V, dtype=g.dtype)  # (N, V)
     fw = _forward(xp, g, params, eps)
     grads = _backward(xp, g, params, fw, log_probs_bar)

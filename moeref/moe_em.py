@@ -51,7 +51,7 @@ import time
 import warnings
 from typing import Any, NamedTuple, Sequence
 
-from .core import array_namespace, log_softmax, logsumexp, softmax, tree_add_scaled
+from .core import _tree_add_scaled, array_namespace, log_softmax, logsumexp, softmax
 from .em import (
     ConvergenceWarning,
     EMOptions,
@@ -69,7 +69,18 @@ from .em import (
 )
 from .em_init import RandomStart, random_starts
 from .families import ExpertFamily, GateFamily
-from .validation import check_positive_float, check_positive_int, check_record_type, check_shape
+from .validation import (
+    check_array,
+    check_arrays,
+    check_cotangent,
+    check_finite,
+    check_float_array,
+    check_positive_float,
+    check_positive_int,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "MoEParams",
@@ -213,10 +224,31 @@ def _check_families(gate: Any, experts: Any) -> None:
         )
 
 
-def _parts(x: Any, y: Any, gate: Any, experts: Any, params: Any) -> tuple[Any, Any, Any]:
+def _check_params(params: Any, gate: Any, experts: Any, name: str = "params") -> MoEParams:
+    """``params`` is an MoEParams whose two fields are parameter records (the families check their contents)."""
+    check_record_type(params, name, MoEParams)
+    for field, family in (("gate", gate), ("experts", experts)):
+        record = getattr(params, field)
+        if not (isinstance(record, tuple) and hasattr(record, "_fields")):
+            raise TypeError(
+                f"{name}.{field} must be the {family.name!r} family's parameter record (a NamedTuple), "
+                f"got {type(record).__name__}"
+            )
+    return params
+
+
+def _check_y(y: Any) -> None:
+    """``y`` is an array without NaN or infinity (its dtype and shape are the expert family's to check)."""
+    check_array(y, "y")
+    check_finite(y, "y")
+
+
+def _parts(x: Any, y: Any, gate: Any, experts: Any, params: Any, name: str = "params") -> tuple[Any, Any, Any]:
     """``(xp, log-weights (N, K), log-densities (N, K))`` with the shapes checked against each other."""
     _check_families(gate, experts)
-    check_record_type(params, "params", MoEParams)
+    _check_params(params, gate, experts, name)
+    check_array(x, "x")
+    _check_y(y)
     return _parts_unchecked(x, y, gate, experts, params)
 
 
@@ -320,8 +352,8 @@ def moe_e_step(x: Any, y: Any, gate: Any, experts: Any, params: MoEParams) -> ES
     $L_j$ for a gate that models $x$, the conditional $L_c$ otherwise), without any penalty;
     $\log\tau_{ik} = a_{ik} - \operatorname{lse}_j a_{ij}$.
     """
-    a = moe_log_joint(x, y, gate, experts, params)  # (N, K)
-    xp = array_namespace(a)
+    xp, ell, logp = _parts(x, y, gate, experts, params)
+    a = ell + logp  # (N, K)
     return EStep(loglik=xp.sum(logsumexp(a, axis=1)), log_responsibilities=log_softmax(a, axis=1))
 
 
@@ -335,22 +367,41 @@ def moe_m_step(x: Any, y: Any, gate: Any, experts: Any, params: MoEParams, respo
     family). ``params`` is the starting point of iterative M-steps.
     """
     _check_families(gate, experts)
-    check_record_type(params, "params", MoEParams)
+    _check_params(params, gate, experts)
+    check_array(x, "x")
+    _check_y(y)
+    K = gate.log_weights(params.gate, x).shape[1]  # also checks params.gate against x
+    _check_responsibilities(responsibilities, x, K)
     return MoEParams(
         gate=gate.m_step(params.gate, x, responsibilities),
         experts=experts.m_step(params.experts, x, y, responsibilities),
     )
 
 
+def _check_responsibilities(tau: Any, x: Any, K: int) -> None:
+    check_array(tau, "responsibilities")
+    xp = check_arrays({"x": x, "responsibilities": tau})
+    check_float_array(tau, "responsibilities", ndim=2)
+    check_shape(tau, "responsibilities", (x.shape[0], K), what=f"x has N={x.shape[0]} rows and the gate has K={K} outputs")
+    if concrete_bool(xp.all(tau >= 0)) is False:
+        raise ValueError("responsibilities must be non-negative (posterior probabilities)")
+
+
 def moe_n_free_parameters(gate: Any, experts: Any, params: MoEParams) -> int:
     """``gate.n_free_parameters(params.gate) + experts.n_free_parameters(params.experts)``."""
     _check_families(gate, experts)
-    check_record_type(params, "params", MoEParams)
+    _check_params(params, gate, experts)
     return int(gate.n_free_parameters(params.gate)) + int(experts.n_free_parameters(params.experts))
 
 
 def moe_penalty(gate: Any, experts: Any, params: MoEParams) -> float:
     """Sum of the families' ``penalty(params)`` (a family without the method contributes 0), as a float."""
+    _check_families(gate, experts)
+    _check_params(params, gate, experts)
+    return _penalty(gate, experts, params)
+
+
+def _penalty(gate: Any, experts: Any, params: MoEParams) -> float:
     total = 0.0
     for fam, p in ((gate, params.gate), (experts, params.experts)):
         pen = getattr(fam, "penalty", None)
@@ -383,7 +434,7 @@ def moe_log_likelihood_vjp(
     """
     joint = _joint_flag(gate, joint)
     xp, ell, logp = _parts(x, y, gate, experts, params)
-    check_shape(cotangent, "cotangent", (ell.shape[0],))
+    check_cotangent(cotangent, (ell.shape[0],), like=ell, what="one entry per sample, like the log-likelihood")
     tau = softmax(ell + logp, axis=1)  # (N, K)
     c = cotangent[:, None]  # (N, 1)
     ell_bar = c * tau if joint else c * (tau - softmax(ell, axis=1))  # (N, K)
@@ -405,7 +456,7 @@ def _fit_one(x: Any, y: Any, gate: Any, experts: Any, init: MoEParams, n_samples
     def e_step(params: MoEParams) -> EStep:
         xp, ell, logp = _parts_unchecked(x, y, gate, experts, params)
         a = ell + logp  # (N, K)
-        pen = moe_penalty(gate, experts, params)
+        pen = _penalty(gate, experts, params)
         penalties.append(pen)
         return EStep(loglik=xp.sum(logsumexp(a, axis=1)) - pen, log_responsibilities=log_softmax(a, axis=1))
 
@@ -414,7 +465,7 @@ def _fit_one(x: Any, y: Any, gate: Any, experts: Any, init: MoEParams, n_samples
 
     res = run_em(
         e_step, m_step, init, n_samples=n_samples,
-        n_free_parameters=moe_n_free_parameters(gate, experts, init), options=options,
+        n_free_parameters=int(gate.n_free_parameters(init.gate)) + int(experts.n_free_parameters(init.experts)), options=options,
     )
     return PenalisedRun(res, tuple(penalties[: len(res.loglik_trace)])), res.loglik, res.loglik + penalties[-1]
 
@@ -467,11 +518,10 @@ def moe_random_starts(
     >>> s.responsibilities.sum(axis=0).tolist(), s.params.experts.mean.ravel().tolist()  # two random blocks of two
     ([2.0, 2.0], [1.0, 2.0])
     """
-    _check_families(gate, experts)
-    check_record_type(template, "template", MoEParams)
-    _, ell, _ = _parts(x, y, gate, experts, template)
+    _, ell, _ = _parts(x, y, gate, experts, template, "template")
     return random_starts(
-        generator, n_starts, lambda tau: moe_m_step(x, y, gate, experts, template, tau),
+        generator, n_starts,
+        lambda tau: MoEParams(gate.m_step(template.gate, x, tau), experts.m_step(template.experts, x, y, tau)),
         n_components=int(ell.shape[1]), like=x, scheme=scheme,
     )
 
@@ -563,17 +613,17 @@ def fit_moe(
     """
     _check_families(gate, experts)
     options = _check_options(options)
-    starts = [check_record_type(init, "init", MoEParams)]
+    starts = [_check_params(init, gate, experts, "init")]
     if restarts is not None:
         if isinstance(restarts, MoEParams) or not isinstance(restarts, (list, tuple)):
             raise TypeError("restarts must be a list or tuple of MoEParams records")
         for j, r in enumerate(restarts):
-            starts.append(check_record_type(r, f"restarts[{j}]", MoEParams))
+            starts.append(_check_params(r, gate, experts, f"restarts[{j}]"))
     check_positive_int(n_restarts, "n_restarts", minimum=0)
     if n_restarts and generator is None:
         raise ValueError(f"n_restarts={n_restarts} random starts need a generator (e.g. numpy.random.default_rng(seed))")
     # shapes of the first start, and N
-    _, ell, _ = _parts(x, y, gate, experts, init)
+    _, ell, _ = _parts(x, y, gate, experts, init, "init")
     N = int(ell.shape[0])
     draws: list[Any] = [None] * len(starts)
     for r in moe_random_starts(x, y, gate, experts, init, generator, n_restarts, scheme=init_scheme) if n_restarts else ():
@@ -584,7 +634,7 @@ def fit_moe(
     res, pens = runs[best].em, runs[best].penalty_trace
 
     params = res.params
-    xp, ell, logp = _parts(x, y, gate, experts, params)
+    xp, ell, logp = _parts_unchecked(x, y, gate, experts, params)
     lse_a = logsumexp(ell + logp, axis=1)  # (N,)
     penalty = pens[-1]
     loglik = res.loglik + penalty  # unpenalised
@@ -696,8 +746,7 @@ def fit_moe_gradient(
     lr = check_positive_float(learning_rate, "learning_rate")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)):
         raise ValueError(f"target must be None or a finite float, got {target!r}")
-    check_record_type(init, "init", MoEParams)
-    xp, ell, _ = _parts(x, y, gate, experts, init)
+    xp, ell, _ = _parts(x, y, gate, experts, init, "init")
     N = int(ell.shape[0])
     g_u, g_c, g_vjp = _view(gate)
     e_u, e_c, e_vjp = _view(experts)
@@ -714,7 +763,7 @@ def fit_moe_gradient(
                 "family an unconstrained view (unconstrained / constrained / constrained_vjp)"
             ) from err
         a = ell_t + logp_t  # (N, K)
-        val = float(xp.sum(logsumexp(a, axis=1))) - moe_penalty(gate, experts, params)
+        val = float(xp.sum(logsumexp(a, axis=1))) - _penalty(gate, experts, params)
         if not math.isfinite(val):
             where = "at the starting values" if t == 0 else f"after gradient step {t}"
             raise NonFiniteLogLikelihoodError(f"the log-likelihood is {val} {where} (learning_rate={lr:g} too large?)")
@@ -728,10 +777,10 @@ def fit_moe_gradient(
         ebar = experts.log_density_vjp(params.experts, x, y, tau)
         pv = getattr(gate, "penalty_vjp", None)
         if pv is not None:
-            gbar = tree_add_scaled(gbar, pv(params.gate), -1.0 / N)
+            gbar = _tree_add_scaled(gbar, pv(params.gate), -1.0 / N)
         pv = getattr(experts, "penalty_vjp", None)
         if pv is not None:
-            ebar = tree_add_scaled(ebar, pv(params.experts), -1.0 / N)
+            ebar = _tree_add_scaled(ebar, pv(params.experts), -1.0 / N)
         return g_vjp(gu, gbar), e_vjp(eu, ebar)
 
     start = time.perf_counter()
@@ -745,7 +794,7 @@ def fit_moe_gradient(
     while not converged and t < options.max_iter:
         t += 1
         dg, de = gradient(gu, eu, params, cache)
-        gu, eu = tree_add_scaled(gu, dg, lr), tree_add_scaled(eu, de, lr)
+        gu, eu = _tree_add_scaled(gu, dg, lr), _tree_add_scaled(eu, de, lr)
         params = MoEParams(g_c(gu), e_c(eu))
         val, cache = value(params, t)
         trace.append(val)

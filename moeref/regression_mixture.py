@@ -44,7 +44,10 @@ from .em import (
 )
 from .em_init import RandomStart, random_starts
 from .validation import (
+    check_array,
+    check_arrays,
     check_choice,
+    check_cotangent,
     check_finite,
     check_float_array,
     check_positive_int,
@@ -101,26 +104,38 @@ class RegressionMixtureGrads(NamedTuple):
     params: RegressionMixtureParams
 
 
-def _check_inputs(x: Any, y: Any, params: RegressionMixtureParams) -> Any:
-    if not isinstance(params, RegressionMixtureParams):
-        raise TypeError(f"params must be a RegressionMixtureParams record, got {type(params).__name__}")
-    xp = array_namespace(
-        x, y, params.beta, params.sigma, params.weights, names=("x", "y", "params.beta", "params.sigma", "params.weights")
-    )
+def _check_data(x: Any, y: Any) -> Any:
+    """``x`` (N, p) and ``y`` (N,): real floating, one library and dtype, finite. Returns the namespace."""
+    check_array(x, "x")
+    check_array(y, "y")
+    xp = check_arrays({"x": x, "y": y})
     check_float_array(x, "x", ndim=2)
     check_float_array(y, "y", ndim=1)
-    check_float_array(params.beta, "params.beta", ndim=2)
+    check_shape(y, "y", (x.shape[0],), what=f"x has N={x.shape[0]} rows")
+    return xp
+
+
+def _check_inputs(x: Any, y: Any, params: RegressionMixtureParams, *, name: str = "params") -> Any:
+    if not isinstance(params, RegressionMixtureParams):
+        raise TypeError(f"{name} must be a RegressionMixtureParams record, got {type(params).__name__}")
+    beta, sigma, weights = f"{name}.beta", f"{name}.sigma", f"{name}.weights"
+    xp = array_namespace(x, y, params.beta, params.sigma, params.weights, names=("x", "y", beta, sigma, weights))
+    check_float_array(x, "x", ndim=2)
+    check_float_array(y, "y", ndim=1)
+    check_float_array(params.beta, beta, ndim=2)
     N, p = x.shape
     K = params.beta.shape[1]
     check_shape(y, "y", (N,), what=f"x has N={N} rows")
-    check_shape(params.beta, "params.beta", (p, K), what=f"x has p={p} columns (regressors, intercept included)")
-    check_shape(params.sigma, "params.sigma", (K,), what=f"params.beta has K={K} components")
-    check_shape(params.weights, "params.weights", (K,), what=f"params.beta has K={K} components")
-    check_same_dtype({"x": x, "y": y, "params.beta": params.beta, "params.sigma": params.sigma, "params.weights": params.weights})
+    check_shape(params.beta, beta, (p, K), what=f"x has p={p} columns (regressors, intercept included)")
+    check_shape(params.sigma, sigma, (K,), what=f"{beta} has K={K} components")
+    check_shape(params.weights, weights, (K,), what=f"{beta} has K={K} components")
+    check_same_dtype({"x": x, "y": y, beta: params.beta, sigma: params.sigma, weights: params.weights})
+    for n, a in (("x", x), ("y", y), (beta, params.beta), (sigma, params.sigma), (weights, params.weights)):
+        check_finite(a, n)
     if concrete_bool(xp.all(params.sigma > 0)) is False:
-        raise ValueError("params.sigma must be positive (standard deviations)")
+        raise ValueError(f"{sigma} must be positive (standard deviations)")
     if concrete_bool(xp.all(params.weights >= 0)) is False:
-        raise ValueError("params.weights must be non-negative (mixing proportions)")
+        raise ValueError(f"{weights} must be non-negative (mixing proportions)")
     return xp
 
 
@@ -131,6 +146,7 @@ def with_intercept(x: Any, /) -> Any:
     """
     xp = array_namespace(x, names=("x",))
     check_float_array(x, "x", ndim=(1, 2))
+    check_finite(x, "x")
     x2 = xp.reshape(x, (x.shape[0], 1)) if x.ndim == 1 else x
     ones = xp.ones((x2.shape[0], 1), dtype=x2.dtype, device=device_of(x2))
     return xp.concat([ones, x2], axis=1)
@@ -170,7 +186,10 @@ def regression_mixture_log_joint(x: Any, y: Any, params: RegressionMixtureParams
     array, shape (N, K)
         A zero weight gives $-\infty$ in its column.
     """
-    xp = _check_inputs(x, y, params)
+    return _log_joint(x, y, params, _check_inputs(x, y, params))
+
+
+def _log_joint(x: Any, y: Any, params: RegressionMixtureParams, xp: Any) -> Any:
     return _log_weights(params.weights, xp) + _component_logpdf(x, y, params, xp)  # (N, K)
 
 
@@ -260,7 +279,7 @@ def regression_mixture_loglik_vjp(
     RegressionMixtureGrads
     """
     xp = _check_inputs(x, y, params)
-    check_shape(cotangent, "cotangent", (x.shape[0],))
+    check_cotangent(cotangent, (x.shape[0],), like=x, what="one entry per sample, like the log-likelihood")
     log_n = _component_logpdf(x, y, params, xp)  # (N, K)
     a = _log_weights(params.weights, xp) + log_n  # (N, K)
     ell = logsumexp(a, axis=1)  # (N,)
@@ -281,8 +300,11 @@ def regression_mixture_loglik_vjp(
 
 def regression_mixture_e_step(x: Any, y: Any, params: RegressionMixtureParams) -> EStep:
     r"""E-step: $L = \sum_i \ell_i$ and $\log\tau_{ik} = a_{ik} - \ell_i$ (eq. (13), in log space)."""
-    a = regression_mixture_log_joint(x, y, params)  # (N, K)
-    xp = array_namespace(a)
+    return _e_step(x, y, params, _check_inputs(x, y, params))
+
+
+def _e_step(x: Any, y: Any, params: RegressionMixtureParams, xp: Any) -> EStep:
+    a = _log_joint(x, y, params, xp)  # (N, K)
     ell = logsumexp(a, axis=1)  # (N,)
     return EStep(loglik=xp.sum(ell), log_responsibilities=log_softmax(a, axis=1))
 
@@ -333,16 +355,26 @@ def regression_mixture_m_step(
         weighted design matrix is rank-deficient, e.g. fewer effective points than regressors).
     """
     check_choice(variance, "variance", VARIANCE_MODELS)
-    xp = array_namespace(x, y, responsibilities, names=("x", "y", "responsibilities"))
-    check_float_array(x, "x", ndim=2)
-    check_float_array(y, "y", ndim=1)
+    xp = _check_data(x, y)
+    check_array(responsibilities, "responsibilities")
+    check_arrays({"x": x, "responsibilities": responsibilities})
     check_float_array(responsibilities, "responsibilities", ndim=2)
+    N = x.shape[0]
+    check_shape(responsibilities, "responsibilities", (N, None), what=f"x has N={N} rows")
+    _check_min(min_weight, "min_weight")
+    _check_min(min_sigma, "min_sigma")
+    return _m_step(x, y, responsibilities, variance, min_weight, min_sigma, xp)
+
+
+def _check_min(v: Any, name: str) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+        raise ValueError(f"{name} must be a non-negative float (finite), got {v!r}")
+
+
+def _m_step(x: Any, y: Any, tau: Any, variance: str, min_weight: float, min_sigma: float, xp: Any) -> RegressionMixtureParams:
+    """The M-step without argument checks (the EM loop's responsibilities come from its own E-step)."""
     N, p = x.shape
-    K = responsibilities.shape[1]
-    check_shape(y, "y", (N,), what=f"x has N={N} rows")
-    check_shape(responsibilities, "responsibilities", (N, K), what=f"x has N={N} rows")
-    check_same_dtype({"x": x, "y": y, "responsibilities": responsibilities})
-    tau = responsibilities
+    K = tau.shape[1]
 
     weights = xp.mean(tau, axis=0)  # (K,)
     # each degeneracy check is one host sync; the per-component loop only runs to name the culprit
@@ -387,6 +419,8 @@ def regression_mixture_m_step(
 def regression_mixture_n_free_parameters(n_regressors: int, n_components: int, *, variance: str = "component") -> int:
     r"""Free parameters: $Kp$ coefficients, $K$ (or 1 common) variances and $K - 1$ weights."""
     check_choice(variance, "variance", VARIANCE_MODELS)
+    check_positive_int(n_regressors, "n_regressors")
+    check_positive_int(n_components, "n_components")
     return n_components * n_regressors + (n_components if variance == "component" else 1) + n_components - 1
 
 
@@ -441,9 +475,12 @@ def regression_mixture_random_starts(
     """
     check_choice(variance, "variance", VARIANCE_MODELS)
     check_positive_int(n_components, "n_components")
+    xp = _check_data(x, y)
+    _check_min(min_weight, "min_weight")
+    _check_min(min_sigma, "min_sigma")
     return random_starts(
         generator, n_starts,
-        lambda tau: regression_mixture_m_step(x, y, tau, variance=variance, min_weight=min_weight, min_sigma=min_sigma),
+        lambda tau: _m_step(x, y, tau, variance, min_weight, min_sigma, xp),
         n_components=n_components, like=x, scheme=scheme,
     )
 
@@ -534,21 +571,18 @@ def fit_regression_mixture(
     [0.754921, 0.245079]
     """
     check_choice(variance, "variance", VARIANCE_MODELS)
-    xp = _check_inputs(x, y, init)
-    check_finite(x, "x")
-    check_finite(y, "y")
+    xp = _check_inputs(x, y, init, name="init")
     _check_start(init, "init", variance, xp)
     starts = [init]
     if restarts is not None:
         if isinstance(restarts, RegressionMixtureParams) or not isinstance(restarts, (list, tuple)):
             raise TypeError("restarts must be a list or tuple of RegressionMixtureParams records")
         for j, r in enumerate(restarts):
-            _check_inputs(x, y, r)
+            _check_inputs(x, y, r, name=f"restarts[{j}]")
             _check_start(r, f"restarts[{j}]", variance, xp)
             starts.append(r)
-    for name, v in (("min_weight", min_weight), ("min_sigma", min_sigma)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-            raise ValueError(f"{name} must be a non-negative float, got {v!r}")
+    _check_min(min_weight, "min_weight")
+    _check_min(min_sigma, "min_sigma")
     check_positive_int(n_restarts, "n_restarts", minimum=0)
     if n_restarts and generator is None:
         raise ValueError(f"n_restarts={n_restarts} random starts need a generator (e.g. numpy.random.default_rng(seed))")
@@ -563,10 +597,10 @@ def fit_regression_mixture(
             draws.append(r.draws)
 
     def e_step(params: RegressionMixtureParams) -> EStep:
-        return regression_mixture_e_step(x, y, params)
+        return _e_step(x, y, params, xp)
 
     def m_step(params: RegressionMixtureParams, tau: Any) -> RegressionMixtureParams:
-        return regression_mixture_m_step(x, y, tau, variance=variance, min_weight=min_weight, min_sigma=min_sigma)
+        return _m_step(x, y, tau, variance, min_weight, min_sigma, xp)
 
     def fit_one(start: RegressionMixtureParams) -> tuple[EMResult, float, float]:
         res = run_em(

@@ -28,11 +28,21 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .balanced_assignment import positions_in_expert
-from .core import array_namespace, device_of, log_softmax, one_hot, softmax, softmax_vjp, take_along_axis
+from .balanced_assignment import _positions_in_expert
+from .core import _softmax_vjp, _take_along_axis, array_namespace, device_of, log_softmax, one_hot, softmax
 from .router import RouterParams
 from .routes import Routes
-from .validation import check_arrays, check_float_array, check_record_type, check_shape, concrete_bool
+from .validation import (
+    check_array,
+    check_arrays,
+    check_scalar_cotangent,
+    check_float_array,
+    check_index_range,
+    check_int_array,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "PolicySample",
@@ -100,20 +110,20 @@ def _check_logits(logits: Any) -> tuple[Any, int, int]:
     return xp, T, E
 
 
-def _check_action(action: Any, T: int, E: int, xp: Any) -> Any:
-    array_namespace(action, names=("action",))
-    if not xp.isdtype(action.dtype, "integral"):
-        raise TypeError(f"action must have an integer dtype (int64), got {action.dtype}")
+def _check_action(action: Any, logits: Any, xp: Any) -> Any:
+    T, E = logits.shape
+    array_namespace(logits, action, names=("logits", "action"), allow_none=False)
+    check_int_array(action, "action", ndim=1)
     check_shape(action, "action", (T,), what=f"one expert per token, T={T}")
-    if concrete_bool(xp.any((action < 0) | (action >= E))) is True:
-        raise ValueError(f"action must lie in [0, {E}) (logits has E={E} experts)")
+    check_index_range(action, "action", E, what=f"logits has E={E} experts")
     return xp.astype(action, xp.int64)
 
 
 def _per_token(value: Any, name: str, T: int, like: Any, xp: Any) -> Any:
-    """A reward or baseline given as a scalar () or per token (T,), broadcast to (T,)."""
-    if value is None:
+    """A reward or baseline given as a scalar () or per token (T,), broadcast to (T,); ``None``: 0 (a baseline only)."""
+    if value is None and name == "baseline":
         return xp.zeros((T,), dtype=like.dtype, device=device_of(like))
+    check_array(value, name)
     check_arrays({name: value, "logits": like}, neg_inf_ok=("logits",))
     if value.ndim == 0:
         return value * xp.ones((T,), dtype=like.dtype, device=device_of(like))
@@ -188,12 +198,12 @@ def sample_policy(logits: Any, uniform: Any) -> PolicySample:
     cdf = cdf / cdf[:, E - 1 :]  # (T, E), last column exactly 1
     action = xp.sum(xp.astype(cdf <= uniform[:, None], xp.int64), axis=1)  # (T,) number of steps passed
     action = xp.minimum(action, xp.full_like(action, E - 1))  # only reachable if rounding left F < 1
-    log_prob = take_along_axis(log_softmax(logits, axis=1), action[:, None], axis=1)[:, 0]  # (T,)
+    log_prob = _take_along_axis(log_softmax(logits, axis=1), action[:, None], axis=1)[:, 0]  # (T,)
     routes = Routes(
         expert_index=action[:, None],
         weight=xp.ones((T, 1), dtype=logits.dtype, device=device_of(logits)),
         kept=xp.ones((T, 1), dtype=xp.bool, device=device_of(logits)),
-        position=positions_in_expert(action, E)[:, None],
+        position=_positions_in_expert(action, E, xp)[:, None],
     )
     return PolicySample(probs, action, log_prob, routes)
 
@@ -233,7 +243,7 @@ def reinforce_logits_gradient(logits: Any, action: Any, reward: Any, baseline: A
     $\pi = 0$ and gets 0.
     """
     xp, T, E = _check_logits(logits)
-    a = _check_action(action, T, E, xp)
+    a = _check_action(action, logits, xp)
     advantage = _per_token(reward, "reward", T, logits, xp) - _per_token(baseline, "baseline", T, logits, xp)  # (T,)
     return advantage[:, None] * (one_hot(a, E, dtype=logits.dtype) - softmax(logits, axis=1))  # (T, E)
 
@@ -319,5 +329,6 @@ def expected_reward_vjp(logits: Any, rewards: Any, cotangent: Any) -> ExpectedRe
     both times the scalar cotangent.
     """
     xp, _, _ = _check_table(logits, rewards)
+    cotangent = check_scalar_cotangent(cotangent, logits, what="the expected reward is a scalar")
     p = softmax(logits, axis=1)  # (T, E)
-    return ExpectedRewardGrads(logits=softmax_vjp(p, cotangent * rewards, axis=1), rewards=cotangent * p)
+    return ExpectedRewardGrads(logits=_softmax_vjp(p, cotangent * rewards, 1, xp), rewards=cotangent * p)

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .core import array_namespace, device_of, sigmoid, softmax, softmax_vjp, softplus, take_along_axis, top_k
+from .core import array_namespace, device_of, sigmoid, softmax, softmax_vjp, softplus, _take_along_axis, top_k
 from .routes import Routes, check_routes
 from .validation import (
     check_array,
@@ -744,7 +744,7 @@ def _live_routes(selection_values: Any, noisy_logits: Any, idx: Any, options: Ro
 
 
 def _gather(a: Any, idx: Any) -> Any:
-    return take_along_axis(a, idx, axis=-1)
+    return _take_along_axis(a, idx, axis=-1)
 
 
 def _scatter_rows(values: Any, idx: Any, E: int, xp: Any) -> Any:

@@ -45,6 +45,7 @@ from .expert_ffn import (
     check_expert_ffn_params,
 )
 from .validation import (
+    check_cotangent,
     check_arrays,
     check_choice,
     check_float_array,
@@ -599,7 +600,7 @@ def soft_moe_layer_vjp(
     ``"rms"`` floor $\lVert v\rVert = \epsilon$, where the derivative below the floor is taken.
     """
     xp, n, p = _check(x, params, options, logit_noise)
-    check_shape(cotangent_y, "cotangent_y", tuple(x.shape), what="the layer output, shape like x")
+    check_cotangent(cotangent_y, tuple(x.shape), like=x, name="cotangent_y", what="the layer output, shape like x")
     check_arrays({"x": x, "cotangent_y": cotangent_y})
     f = _forward(x, params, options, logit_noise, n, p, xp)
     kind, eps = options.normalization, options.norm_eps

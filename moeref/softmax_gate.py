@@ -54,8 +54,10 @@ from typing import Any, ClassVar, NamedTuple
 from .core import array_namespace, device_of, log_softmax, log_softmax_vjp
 from .em import ConvergenceWarning, SeparationWarning
 from .validation import (
+    check_cotangent,
     check_arrays,
     check_choice,
+    check_finite,
     check_float_array,
     check_gate_params,
     check_positive_int,
@@ -566,7 +568,7 @@ class SoftmaxGate:
         column.
         """
         xp = self._check(params, x)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.weight.shape[1]))
+        check_cotangent(cotangent, (x.shape[0], params.weight.shape[1]), like=x)
         logp = log_softmax(xp.matmul(x, params.weight) + params.bias, axis=1)  # (N, K)
         u_bar = log_softmax_vjp(xp.exp(logp), cotangent, axis=1)  # (N, K)
         return SoftmaxGateParams(weight=xp.matmul(xp.matrix_transpose(x), u_bar), bias=xp.sum(u_bar, axis=0))
@@ -584,14 +586,28 @@ class SoftmaxGate:
         )
         return SoftmaxGateParams(weight=fit.weight, bias=fit.bias)
 
+    def _check_record(self, params: Any) -> Any:
+        """The record alone (no ``x``): types and shapes, weight (d, K) and bias (K,), one library and dtype."""
+        check_record_type(params, "params", SoftmaxGateParams)
+        check_float_array(params.weight, "params.weight", ndim=2)
+        check_gate_params(params.weight, params.bias, params.weight.shape[0])
+        return array_namespace(params.weight, params.bias, names=("params.weight", "params.bias"))
+
     def n_free_parameters(self, params: SoftmaxGateParams) -> int:
         """$(K-1)(d+1)$ (for both parametrisations)."""
+        self._check_record(params)
         d, K = params.weight.shape
         return (K - 1) * (d + 1)
 
     def penalty(self, params: SoftmaxGateParams) -> Any:
         r"""$\frac{\rho}{2}\big(\lVert W\rVert_F^2 + \lVert b\rVert^2\big)$, a 0-d array (0 without a ridge)."""
-        xp = array_namespace(params.weight, params.bias, names=("params.weight", "params.bias"))
+        xp = self._check_record(params)
+        check_finite(params.weight, "params.weight")
+        check_finite(params.bias, "params.bias")
+        return self._penalty(params, xp)
+
+    def _penalty(self, params: SoftmaxGateParams, xp: Any) -> Any:
+        """[`penalty`][moeref.softmax_gate.SoftmaxGate.penalty] without argument checks (EM loops)."""
         return 0.5 * self.ridge * (xp.sum(params.weight * params.weight) + xp.sum(params.bias * params.bias))
 
     def penalty_vjp(self, params: SoftmaxGateParams) -> SoftmaxGateParams:

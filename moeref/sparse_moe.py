@@ -61,7 +61,7 @@ from .aux_losses import (
     vmoe_load_loss_vjp,
 )
 from .capacity import CapacityDraws, CapacityOptions, apply_capacity
-from .core import device_of, take_along_axis
+from .core import device_of, _take_along_axis
 from .dispatch import dispatch_combine, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, check_expert_ffn_params
 from .router import (
@@ -426,7 +426,7 @@ def _capacity_priority(r: RouterOutput, capacity: CapacityOptions) -> Any:
     """The router's scores of the routes when ``capacity.priority_values="router_scores"`` needs them, else None."""
     if capacity.priority_values != "router_scores" or capacity.priority not in ("batch_prioritized", "score"):
         return None
-    scores = take_along_axis(r.scores, r.routes.expert_index, axis=-1)  # (T, k) before normalisation
+    scores = _take_along_axis(r.scores, r.routes.expert_index, axis=-1)  # (T, k) before normalisation
     return scores[:, 0] if capacity.priority == "batch_prioritized" else scores
 
 

@@ -67,8 +67,9 @@ from .core import array_namespace, device_of
 from .em import CollapsedVarianceError, check_nonempty_components, check_nonnegative_float, first_true
 from .special import digamma, lgamma
 from .families import ExpertInputGrads
-from .weighted_lstsq import design_matrix, split_coefficients, weighted_least_squares
+from .weighted_lstsq import _design_matrix, _weighted_least_squares, split_coefficients
 from .validation import (
+    check_cotangent,
     check_responsibilities,
     check_choice,
     check_finite,
@@ -283,7 +284,7 @@ class LinearTExperts:
         cotangent : array, shape (N, K)
         """
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.weight.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.weight.shape[0]), like=x, what="like log_density")
         check_same_dtype({"x": x, "cotangent": cotangent})
         g, s_bar, nu_bar = self._grads(params, x, y, cotangent, xp)
         b_bar = xp.sum(g, axis=0) if self.bias else xp.zeros_like(params.bias)
@@ -292,7 +293,7 @@ class LinearTExperts:
     def log_density_input_vjp(self, params: LinearTExpertsParams, x: Any, y: Any, cotangent: Any) -> ExpertInputGrads:
         r"""$\bar x_i = \sum_k g_{ik}\beta_k$, $\bar y_i = -\sum_k g_{ik}$ (``y.shape`` kept)."""
         xp = self._check(params, x, y)
-        check_shape(cotangent, "cotangent", (x.shape[0], params.weight.shape[0]), what="like log_density")
+        check_cotangent(cotangent, (x.shape[0], params.weight.shape[0]), like=x, what="like log_density")
         g, _, _ = self._grads(params, x, y, cotangent, xp)
         return ExpertInputGrads(x=g @ params.weight, y=xp.reshape(-xp.sum(g, axis=1), y.shape))
 
@@ -360,9 +361,9 @@ class LinearTExperts:
         r0 = self._residuals(params.weight, params.bias, x, y, xp)  # (N, K)
         u = (nu0 + 1.0) / (nu0 + (r0 / params.sigma) ** 2)  # (N, K)
         # CM-step 1: weighted least squares with tau * u, then sigma
-        design = design_matrix(x, bias=self.bias)
+        design = _design_matrix(x, self.bias, xp)
         y1 = xp.reshape(y, (y.shape[0],))
-        theta = weighted_least_squares(design, y1[:, None], weights * u)  # (K, p, 1)
+        theta = _weighted_least_squares(design, y1[:, None], weights * u, xp)  # (K, p, 1)
         weight, bias = split_coefficients(theta, d, bias=self.bias)
         weight, bias = weight[:, :, 0], bias[:, 0]
         r = self._residuals(weight, bias, x, y, xp)  # (N, K)

@@ -24,7 +24,15 @@ from .core import device_of
 from .expert_ffn import ExpertFFN, ExpertFFNParams, check_expert_ffn_params
 from .router import RouterParams
 from .sparse_moe import SparseMoEParams
-from .validation import check_arrays, check_float_array, check_positive_int, check_record_type, check_shape, concrete_bool
+from .validation import (
+    check_arrays,
+    check_cotangent,
+    check_float_array,
+    check_positive_int,
+    check_record_type,
+    check_shape,
+    concrete_bool,
+)
 
 __all__ = [
     "LECUN_TRUNCATED_NORMAL_STD",
@@ -116,6 +124,14 @@ def _check(dense: Any, num_experts: Any, ffn: Any, router_draws: Any, router_ini
             f"dense.w_out has shape {tuple(dense.w_out.shape)}: a dense FFN is one expert, either unstacked "
             "(w_in (d, K), w_out (I, d), ...) or with a leading axis of size 1"
         )
+    for f, nd in (("w_in", 2), ("b_in", 1), ("b_out", 1)):
+        a = getattr(dense, f)
+        if a is not None and a.ndim != nd + stacked:
+            layout = "stacked with a leading axis of size 1" if stacked else "unstacked"
+            raise ValueError(
+                f"dense.{f} has shape {tuple(a.shape)} but dense.w_out has shape {tuple(dense.w_out.shape)} ({layout}): "
+                "every field of the dense FFN must have the same layout"
+            )
     _, d, _ = check_expert_ffn_params(_as_stacked(dense, stacked), ffn, name="dense")
     if router_draws is not None:
         check_float_array(router_draws, "router_draws", ndim=2)
@@ -246,15 +262,16 @@ def upcycle_vjp(
         if g is None:
             fields.append(xp.zeros_like(a))
             continue
-        check_shape(g, f"cotangent.experts.{f}", want, what=f"dense.{f} tiled to E={E} experts")
+        check_cotangent(g, want, like=a, name=f"cotangent.experts.{f}", what=f"dense.{f} tiled to E={E} experts")
         total = xp.sum(g, axis=0)  # dense shape without the expert axis
         fields.append(total[None, ...] if stacked else total)
     draws_bar = None
     if router_draws is not None:
+        check_record_type(cotangent.router, "cotangent.router", RouterParams)
         W_bar = cotangent.router.weight
         if W_bar is None:
             draws_bar = xp.zeros_like(router_draws)
         else:
-            check_shape(W_bar, "cotangent.router.weight", (d, E), what="the router weight, (d, E)")
+            check_cotangent(W_bar, (d, E), like=router_draws, name="cotangent.router.weight", what="the router weight, (d, E)")
             draws_bar = router_init.scale(d) * W_bar
     return UpcycleGrads(dense=ExpertFFNParams(*fields), router_draws=draws_bar)

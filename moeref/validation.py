@@ -12,22 +12,29 @@ always run.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
-from .core import array_namespace
+from .core import array_namespace, device_of
 
 __all__ = [
     "check_arrays",
     "check_array",
     "check_cotangent",
+    "check_scalar_cotangent",
     "check_record_type",
     "check_gate_params",
     "check_experts_params",
     "check_responsibilities",
     "check_float_array",
+    "check_int_array",
+    "check_index_range",
+    "check_permutation",
+    "check_same_tree",
     "check_shape",
     "check_same_dtype",
     "check_finite",
+    "check_int",
     "check_positive_int",
     "check_positive_float",
     "check_choice",
@@ -46,17 +53,114 @@ def check_array(x: Any, name: str) -> Any:
     return array_namespace(x, names=(name,))
 
 
-def check_float_array(x: Any, name: str, *, ndim: int | Sequence[int] | None = None) -> Any:
-    """Check that ``x`` is a real floating-point array (optionally of a given rank)."""
-    xp = check_array(x, name)
+def check_float_array(x: Any, name: str, *, ndim: int | Sequence[int] | None = None, xp: Any = None) -> Any:
+    """Check that ``x`` is a real floating-point array (optionally of a given rank).
+
+    ``xp``: the namespace of ``x`` when the caller already has it (``x`` is then known to be an array).
+    """
+    xp = check_array(x, name) if xp is None else xp
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating-point dtype (float64 is the reference), got {x.dtype}")
-    if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if x.ndim not in allowed:
-            want = " or ".join(str(a) for a in allowed)
-            raise ValueError(f"{name} must be {want}-dimensional, got shape {_fmt_shape(x.shape)}")
+    _check_ndim(x, name, ndim)
     return x
+
+
+def _check_ndim(x: Any, name: str, ndim: int | Sequence[int] | None, what: str = "") -> None:
+    if ndim is None:
+        return
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in allowed:
+        want = " or ".join(str(a) for a in allowed)
+        hint = f", {what};" if what else ","
+        raise ValueError(f"{name} must be {want}-dimensional{hint} got shape {_fmt_shape(x.shape)}")
+
+
+def check_int_array(x: Any, name: str, *, ndim: int | Sequence[int] | None = None, what: str = "") -> Any:
+    """Check that ``x`` is an integer array (indices, ids, labels; not bool), optionally of a given rank.
+
+    ``what`` describes the expected content for the message, e.g. ``"one expert index per vocabulary id"``.
+    """
+    xp = check_array(x, name)
+    if not xp.isdtype(x.dtype, "integral"):
+        hint = f", {what};" if what else " (indices),"
+        raise TypeError(f"{name} must have an integer dtype{hint} got {x.dtype}")
+    _check_ndim(x, name, ndim, what)
+    return x
+
+
+def check_index_range(x: Any, name: str, upper: int, *, what: str = "") -> Any:
+    """Check that the integer array ``x`` has every entry in ``[0, upper)`` (skipped for traced values).
+
+    ``what`` says where ``upper`` comes from; the message then reads e.g. ``"token_ids has values up
+    to 70 but the hash table covers a vocabulary of 50 (entries must lie in [0, 50))"``. O(size of
+    ``x``): one minimum and one maximum.
+    """
+    xp = check_array(x, name)
+    if math.prod(x.shape) == 0:
+        return x
+    lo, hi = xp.min(x), xp.max(x)
+    why = f" but {what}" if what else ""
+    bounds = f"(entries must lie in [0, {upper}))"
+    if concrete_bool(lo < 0):
+        raise ValueError(f"{name} has negative values (min {int(lo)}){why} {bounds}")
+    if concrete_bool(hi >= upper):
+        raise ValueError(f"{name} has values up to {int(hi)}{why} {bounds}")
+    return x
+
+
+def check_permutation(perm: Any, name: str, *, inverse: Any = None) -> Any:
+    """Check that ``perm`` (integer, shape ``(..., n)``) holds a permutation of ``0..n-1`` along its last axis.
+
+    Sorted, a permutation is ``arange(n)``. With ``inverse`` (its stable argsort, already computed by
+    the caller) the sorted values are one gather away, so the check costs O(size of ``perm``);
+    without it, one sort. Skipped for traced values.
+    """
+    xp = check_array(perm, name)
+    if perm.ndim == 0:
+        raise ValueError(f"{name} must be at least 1-dimensional (a permutation), got shape ()")
+    n = perm.shape[-1]
+    if inverse is None:
+        ordered = xp.sort(perm, axis=-1, stable=True)
+    else:
+        ordered = xp.take_along_axis(perm, inverse, axis=-1)
+    expected = xp.arange(n, dtype=perm.dtype, device=device_of(perm))
+    if concrete_bool(xp.all(ordered == expected)) is False:
+        raise ValueError(f"{name} must be a permutation of 0..{n - 1} along its last axis (each index exactly once), "
+                         "got repeated or out-of-range entries")
+    return perm
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, tuple):
+        return f"a {type(v).__name__} of {len(v)} entries"
+    return "an array" if hasattr(v, "shape") else f"a {type(v).__name__}"
+
+
+def check_same_tree(tree: Any, like: Any, name: str, like_name: str) -> Any:
+    """Check that ``tree`` has the structure of ``like`` (a gradient and its parameter record).
+
+    The same record types and lengths, ``None`` where ``like`` has ``None``, Python numbers where it
+    has numbers, and at every array leaf an array of the same shape and library.
+    """
+    if isinstance(like, tuple) or like is None or isinstance(tree, tuple) or tree is None:
+        if type(tree) is not type(like) or (isinstance(like, tuple) and len(tree) != len(like)):
+            raise TypeError(f"{name} must have the structure of {like_name}: {like_name} is {_kind(like)}, "
+                            f"{name} is {_kind(tree)}")
+        fields = getattr(like, "_fields", None)
+        for i, (t, l) in enumerate(zip(tree or (), like or ())):
+            sub = f".{fields[i]}" if fields else f"[{i}]"
+            check_same_tree(t, l, name + sub, like_name + sub)
+        return tree
+    if isinstance(like, (int, float)) and not isinstance(like, bool) and isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return tree
+    check_array(like, like_name)
+    check_array(tree, name)
+    array_namespace(like, tree, names=(like_name, name))
+    if tuple(tree.shape) != tuple(like.shape):
+        raise ValueError(f"{name} has shape {_fmt_shape(tree.shape)} but {like_name} has shape {_fmt_shape(like.shape)}")
+    return tree
 
 
 def check_shape(x: Any, name: str, expected: Sequence[int | None], *, what: str = "") -> Any:
@@ -109,10 +213,16 @@ def check_finite(x: Any, name: str, *, allow_neg_inf: bool = False) -> Any:
     return x
 
 
+def check_int(value: Any, name: str) -> int:
+    """Check that ``value`` is an integer (a Python or NumPy integer, not a bool or a float); return it as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def check_positive_int(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     """Check that ``value`` is an int in ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = check_int(value, name)
     if value < minimum or (maximum is not None and value > maximum):
         hi = "" if maximum is None else f" and at most {maximum}"
         raise ValueError(f"{name} must be at least {minimum}{hi}, got {value}")
@@ -157,20 +267,36 @@ def check_arrays(named: dict[str, Any], *, finite: bool = True, neg_inf_ok: Sequ
     return xp
 
 
-def check_cotangent(cotangent: Any, expected: Sequence[int | None], like: Any, *, name: str = "cotangent", what: str = "") -> Any:
+def check_cotangent(
+    cotangent: Any, expected: Sequence[int | None], like: Any, *, name: str = "cotangent", what: str = "",
+    like_name: str = "the forward's inputs",
+) -> Any:
     """Check the cotangent of a VJP against the forward's output: shape, library and dtype of ``like``, finite.
 
     ``like`` is one of the forward's floating-point inputs (its library and dtype are the
-    cotangent's). Returns the namespace.
+    cotangent's), called ``like_name`` in the messages. Returns the namespace.
     """
     check_float_array(cotangent, name)
-    check_array(like, "the forward's inputs")
-    xp = array_namespace(like, cotangent, names=("the forward's inputs", name))
+    check_array(like, like_name)
+    xp = array_namespace(like, cotangent, names=(like_name, name))
     if str(cotangent.dtype) != str(like.dtype):
-        raise TypeError(f"{name} has dtype {cotangent.dtype} but the forward's inputs have dtype {like.dtype}")
+        verb = "have" if like_name == "the forward's inputs" else "has"
+        raise TypeError(f"{name} has dtype {cotangent.dtype} but {like_name} {verb} dtype {like.dtype}")
     check_shape(cotangent, name, expected, what=what)
     check_finite(cotangent, name)
     return xp
+
+
+def check_scalar_cotangent(cotangent: Any, like: Any, *, name: str = "cotangent", what: str = "the output is a scalar") -> Any:
+    """The cotangent of a scalar output: a finite Python number (returned as a 0-d array like ``like``) or a
+    0-d array checked by [`check_cotangent`][moeref.validation.check_cotangent]."""
+    if isinstance(cotangent, (int, float)) and not isinstance(cotangent, bool):
+        if not math.isfinite(cotangent):
+            raise ValueError(f"{name} must be finite, got {cotangent!r}")
+        xp = check_array(like, "the forward's inputs")
+        return xp.asarray(float(cotangent), dtype=like.dtype, device=device_of(like))
+    check_cotangent(cotangent, (), like, name=name, what=what)
+    return cotangent
 
 
 def check_record_type(value: Any, name: str, expected: type | tuple[type, ...]) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .core import array_namespace, device_of
 from .em import SingularWeightedLeastSquaresError, first_true
-from .validation import check_float_array
+from .validation import check_array, check_arrays, check_float_array, check_positive_int, check_shape, concrete_bool
 
 __all__ = ["design_matrix", "weighted_least_squares", "split_coefficients"]
 
@@ -38,8 +38,15 @@ def design_matrix(x: Any, /, *, bias: bool = True) -> Any:
     >>> design_matrix(np.array([[2.0], [3.0]])).tolist()
     [[2.0, 1.0], [3.0, 1.0]]
     """
-    xp = array_namespace(x, names=("x",))
+    xp = check_arrays({"x": x})
     check_float_array(x, "x", ndim=2)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    return _design_matrix(x, bias, xp)
+
+
+def _design_matrix(x: Any, bias: bool, xp: Any) -> Any:
+    """[`design_matrix`][moeref.weighted_lstsq.design_matrix] without argument checks (M-steps)."""
     if not bias:
         return x
     ones = xp.ones((x.shape[0], 1), dtype=x.dtype, device=device_of(x))
@@ -86,7 +93,22 @@ def weighted_least_squares(design: Any, y: Any, weights: Any, /) -> Any:
     >>> np.round(theta[0, :, 0], 12).tolist()  # slope, intercept
     [2.0, 1.0]
     """
-    xp = array_namespace(design, y, weights, names=("design", "y", "weights"))
+    for name, a in (("design", design), ("y", y), ("weights", weights)):
+        check_array(a, name)
+    xp = check_arrays({"design": design, "y": y, "weights": weights})
+    check_float_array(design, "design", ndim=2)
+    N = design.shape[0]
+    check_float_array(y, "y", ndim=2)
+    check_shape(y, "y", (N, None), what=f"design has N={N} rows")
+    check_float_array(weights, "weights", ndim=2)
+    check_shape(weights, "weights", (N, None), what=f"design has N={N} rows")
+    if concrete_bool(xp.all(weights >= 0)) is False:
+        raise ValueError("weights must be non-negative (observation weights)")
+    return _weighted_least_squares(design, y, weights, xp)
+
+
+def _weighted_least_squares(design: Any, y: Any, weights: Any, xp: Any) -> Any:
+    """[`weighted_least_squares`][moeref.weighted_lstsq.weighted_least_squares] without argument checks (M-steps)."""
     p = design.shape[1]
     xw = xp.matrix_transpose(weights)[:, None, :] * xp.matrix_transpose(design)[None, :, :]  # (K, p, N)
     gram = xw @ design  # (K, p, p)
@@ -118,6 +140,12 @@ def split_coefficients(theta: Any, d: int, /, *, bias: bool = True) -> tuple[Any
     ([[[2.0]]], [[1.0]])
     """
     xp = array_namespace(theta, names=("theta",))
+    check_float_array(theta, "theta", ndim=3)
+    d = check_positive_int(d, "d", minimum=0)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    check_shape(theta, "theta", (theta.shape[0], d + bias, theta.shape[2]),
+                what=f"d={d} slopes" + (" and one intercept row" if bias else "") + " per expert")
     weight = theta[:, :d, :]  # (K, d, D)
     if bias:
         return weight, theta[:, d, :]  # (K, D)

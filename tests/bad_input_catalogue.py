@@ -470,109 +470,24 @@ ALL_VJPS = ("*_vjp*",)
 COTANGENT_BAD = ("cotangent*:int", "cotangent*:bool", "cotangent*:float32", "cotangent*:nan", "cotangent*:inf",
                  "cotangent*:torch", "cotangent*:list", "weight:float32")
 
-issue("cotangent-unchecked", "gates, experts, mixture, meta_pi, local_experts, hierarchical_moe, mixture_of_softmaxes, deep_moe, "
-      "router, expert_ffn, regression_mixture, moe_em, aux_losses",
+issue("cotangent-unchecked", "expert_ffn (every other VJP calls validation.check_cotangent now)",
       "VJPs check only the cotangent's shape: an int / bool / float32 / NaN / inf cotangent is accepted (NaN gradients, "
       "or a silent dtype promotion), a list is taken as a float (scalar losses), and a torch cotangent among NumPy inputs "
       "fails inside NumPy. Fix: one line per VJP, validation.check_cotangent(cotangent, shape, like=x) (added for this).",
       "mixture_vjp(gates, outs, np.full((N, d_out), np.nan)) returns NaN gradients; "
       "mixture_vjp(gates, outs, torch.ones(N, d_out)) -> TypeError: unsupported operand type(s) for *",
       *[(e, COTANGENT_BAD) for e in ALL_VJPS])
-issue("record-unchecked", "gates, experts, moe_em, hme_em",
-      "The parameter record's type is not checked before its fields are read: params=None or a plain tuple "
-      "gives AttributeError from inside. Fix: validation.check_record_type(params, 'params', <Record>) first.",
-      "linear_softmax_gate(x, None) -> AttributeError: 'NoneType' object has no attribute 'weight'",
-      ("gates.*", ("params:none", "params:tuple")), ("experts.*", ("params:none", "params:tuple")),
-      ("moe_em.moe_n_free_parameters", ("params.*:none", "params.*:tuple", "params.experts.weight:ndim*", "params.experts.weight:list")),
-      ("moe_em.moe_penalty", ("params:none", "params:tuple", "params.gate:none", "params.gate:tuple")),
-      ("hme_em.hme_penalty", ("params:none", "params:tuple", "params.gate_weights[[]0[]]:*", "params.gate_biases[[]0[]]:*")))
-issue("core-primitives-unchecked", "core",
-      "Low-level primitives validate nothing beyond the namespace: bool input fails inside NumPy operators, "
-      "softmax_vjp/log_softmax_vjp do not check p against the cotangent, top_k(k=1.5) fails on a slice, "
-      "one_hot accepts float indices and num_classes <= 0, inverse_permutation accepts a non-permutation, "
-      "segment_sum silently drops ids outside [0, S) and fails inside on shape mismatches, take_along_axis is "
-      "NumPy's own errors, tree_add_scaled broadcasts mismatched trees, device_of(list) is array_api_compat's error. "
-      "Either validate (shape/dtype checks are trace-safe) or document them as unchecked internals.",
-      "segment_sum(np.ones((3, 1)), np.array([0, 1, 7]), 3) -> [[1], [1], [0]] (row 2 silently lost); "
-      "inverse_permutation(np.array([0, 0, 1])) -> [0, 1, 2]; softmax(np.array([True, False])) -> TypeError: numpy "
-      "boolean subtract...",
-      ("core.*", ("*",)))
-issue("local-experts-means-nonfinite", "local_experts",
-      "local_experts_means runs its argument check with finite=False: NaN / inf expert means are returned silently.",
-      "local_experts_means(x, LocalExpertsParams(gate, np.full((n, d_out), np.nan))) returns NaN means",
-      ("local_experts.local_experts_means*", ("params.means:nan", "params.means:inf")))
-issue("y-none", "meta_pi, local_experts, hierarchical_moe, moe_em",
-      "y is optional in the shared argument check (the prediction functions have none), so y=None reaches the "
-      "likelihood / loss and fails there (operator error or AttributeError), not with 'y must be an array'.",
-      "meta_pi_loss(x, None, params) -> TypeError: unsupported operand type(s) for -: 'NoneType' and 'float'; "
-      "hme_log_likelihood(x, None, params) -> AttributeError",
-      ("*", ("y:none",)))
-issue("init-name", "meta_pi, local_experts, regression_mixture",
-      "fit_* name their start record `init_params` / `init` but the error says `params`.",
-      "fit_meta_pi(x, y, None, learning_rate=0.1, steps=1) -> TypeError: params must be a MetaPiParams, got NoneType",
-      ("*.fit_*", ("init*:none", "init*:tuple")))
-issue("mos-nonfinite", "mixture_of_softmaxes",
-      "No finiteness check: NaN / inf in g or in any parameter gives NaN log-probabilities / NLL silently; targets "
-      "as a torch tensor among NumPy arrays fails inside ('Tensor' object has no attribute 'astype').",
-      "mixture_of_softmaxes_log_probs(np.full((N, d), np.nan), params) returns -inf log-probabilities, no error",
-      ("mixture_of_softmaxes.*", ("*:nan", "*:inf", "targets:torch")))
-issue("deep-moe-names", "deep_moe",
-      "Non-finite layer parameters are reported under the inner blocks' names (`params.weight`, `params.bias`, `x`) "
-      "instead of the DeepMoELayerParams field (and layer index) that holds them.",
-      "deep_moe_layer(x, p._replace(gate_hidden_weight=nan_array)) -> ValueError: x contains NaN or infinite values",
-      ("deep_moe.*", ("params*:nan", "params*:inf")))
-issue("regmix-nonfinite", "regression_mixture",
-      "No finiteness check anywhere: NaN / inf in x, y, beta (and inf sigma / weights, NaN responsibilities) give NaN "
-      "log-likelihoods / parameters silently; with_intercept accepts a 1-d x and NaN; n_free_parameters accepts "
-      "negative and float counts; random_starts reads x.shape before any check (AttributeError for a list).",
-      "regression_mixture_loglik(x_with_a_nan, y, params) returns -inf for that row, no error; "
-      "regression_mixture_n_free_parameters(-1, 2) returns 1",
-      ("regression_mixture.*", ("*:nan", "*:inf", "x:ndim-1", "x:size*", "n_*:*", "x:list")),
-      ("regression_mixture.regression_mixture_random_starts", ("x:int", "x:bool")))
-issue("moe-em-y-and-names", "moe_em (and the families it calls)",
-      "y is not checked for finiteness (NaN / inf y give NaN log-likelihoods); errors about params.gate / "
-      "params.experts / template.* are worded by the family ('params must be a SoftmaxGateParams', "
-      "'no array was given' for cov=None) and the M-step calls responsibilities `targets`.",
-      "moe_log_likelihood(x, np.full_like(y, np.nan), SoftmaxGate(), LinearGaussianExperts(), params) returns -inf; "
-      "moe_m_step(..., responsibilities=np.full((N, K), np.nan)) -> 'targets contains NaN'",
-      ("moe_em.*", ("y:nan", "y:inf", "params.gate:*", "params.experts:*", "template.gate:*", "template.experts:*",
-                    "responsibilities:*")),
-      ("moe_em.moe_n_free_parameters", ("params.gate.*",)), ("moe_em.moe_penalty", ("params.gate.*",)))
-issue("hme-em-unchecked", "hme_em",
-      "hme_m_step does not validate `state` or `posteriors` (NaN, wrong shapes and dtypes, torch arrays are accepted "
-      "or fail inside); hme_penalty does not validate the gate weights (NaN penalty, NumPy errors for bool); "
-      "hme_random_starts names the template's gate arrays `weight` / `bias`; fit_hme with a torch gate bias among "
-      "NumPy arrays fails inside torch.",
-      "hme_m_step(x, y, HMEFitParams(params, 0.5), posteriors._replace(paths=np.full_like(posteriors.paths, np.nan))) "
-      "-> numpy.linalg.LinAlgError: Eigenvalues did not converge",
-      ("hme_em.hme_m_step", ("state*", "posteriors*")), ("hme_em.hme_penalty", ("params.gate_*",)),
-      ("hme_em.hme_random_starts", ("template.gate_*",)), ("hme_em.fit_hme", ("init.gate_biases[[]0[]]:torch",)))
 issue("routes-fields-unchecked", "dispatch",
       "A Routes record with a None field fails inside (AttributeError) instead of naming the field.",
       "dispatch_combine(x, routes._replace(kept=None), experts, RELU_FFN) -> AttributeError: 'NoneType' object has no "
       "attribute 'dtype'",
       ("dispatch.*", ("routes.*:none",)))
-issue("em-helpers-unchecked", "em, em_init, weighted_lstsq",
-      "EM helpers do not validate their arrays: em.entropy accepts any shape / dtype / NaN; "
-      "check_nonempty_components accepts NaN / inf / bool weights and a NaN or negative min_weight, and unpacks the "
-      "shape before checking its rank; em_init.random_responsibilities accepts NaN / inf draws; design_matrix "
-      "copies NaN / inf.",
-      "entropy(np.full((4, 2), np.nan)) returns -0.0; check_nonempty_components(w, float('nan')) returns without error",
-      ("em.*", ("*",)), ("em_init.*", ("draws:nan", "draws:inf")), ("weighted_lstsq.design_matrix", ("x:nan", "x:inf")))
-issue("wls-unchecked", "weighted_lstsq",
-      "weighted_least_squares validates nothing: NaN / inf reach numpy.linalg (LinAlgError: Eigenvalues did not "
-      "converge), rank and size mismatches fail inside NumPy, int / bool / float32 y and weights are promoted silently.",
-      "weighted_least_squares(np.full((8, 3), np.nan), y, w) -> numpy.linalg.LinAlgError",
-      ("weighted_lstsq.weighted_least_squares", ("*",)))
-issue("none-unnamed", "core (array_namespace), aux_losses, router, regression_mixture, moe_em, deep_moe, mixture_of_softmaxes, "
-      "dispatch, meta_pi, local_experts, hierarchical_moe",
-      "A required array passed as None (or a Routes field None) is not named: core.array_namespace says 'no array was "
-      "given' although it was given `names`, and other paths fail inside with AttributeError / operator errors "
-      "(an optional-y check lets y=None through to the likelihood). Fix: array_namespace(names=...) names the missing "
-      "arguments; required arrays go through validation.check_float_array / check_array (which now name None).",
-      "deep_moe(None, params) -> TypeError: no array was given, so the array namespace cannot be inferred; "
-      "meta_pi_loss(x, None, params) -> TypeError: unsupported operand type(s) for -: 'NoneType' and 'float'",
-      ("*", ("*:none",)), ("dispatch.dense_dispatch_tensors", ("routes:none",)))  # last: the specific issues above win
+issue("none-unnamed", "dispatch",
+      "dense_dispatch_tensors(routes=None) unpacks the record before checking it (core.array_namespace now names a "
+      "None argument, and every other module's required arrays go through validation.check_array).",
+      "dense_dispatch_tensors(None, E, C) -> TypeError: moeref.core.array_namespace() argument after * must be an "
+      "iterable, not NoneType",
+      ("dispatch.dense_dispatch_tensors", ("routes:none",)))
 
 #: Judgements shared by every entry (fnmatch over mutation ids).
 GLOBAL_VALID: dict = {
@@ -651,13 +566,12 @@ def _register_core() -> None:
     from moeref import core
 
     x = lambda: {"x": _rng().normal(size=(N, N_EXP))}  # noqa: E731
-    elementwise = dict(valid={"x:ndim*": ANY_SHAPE, "x:size*": ANY_SHAPE, "x:nan": PROPAGATES, "x:inf": PROPAGATES,
-                              "x:int": PRIMITIVE_INT, "x:bool": PRIMITIVE_INT}, skip={"axis:*": "axis is NumPy's own argument"})
+    elementwise = dict(valid={"x:ndim*": ANY_SHAPE, "x:size*": ANY_SHAPE, "x:nan": PROPAGATES, "x:inf": PROPAGATES},
+                       skip={"axis:*": "axis is NumPy's own argument"})
     for name in ("logsumexp", "log_softmax", "softmax", "softplus", "sigmoid", "log_sigmoid", "relu", "erf", "erfc",
                  "normal_cdf", "normal_logpdf"):
         register(f"core.{name}", x, **elementwise)
-    vjp = dict(valid={"*:ndim*": ANY_SHAPE, "*:nan": PROPAGATES, "*:inf": PROPAGATES, "*:int": PRIMITIVE_INT,
-                      "*:bool": PRIMITIVE_INT, "*:float32": "NumPy promotes float32 with float64"},
+    vjp = dict(valid={"*:nan": PROPAGATES, "*:inf": PROPAGATES, "*:float32": "NumPy promotes float32 with float64"},
                skip={"axis:*": "axis is NumPy's own argument"})
     pc = lambda: {"p": core.softmax(_rng().normal(size=(N, N_EXP))), "cotangent": _rng(1).normal(size=(N, N_EXP))}  # noqa: E731
     register("core.softmax_vjp", pc, **vjp)
@@ -665,7 +579,8 @@ def _register_core() -> None:
     register("core.array_namespace", lambda: {"a": _rng().normal(size=(N,)), "b": _rng().normal(size=(2, 2))},
              call=lambda a, b: core.array_namespace(a, b, names=("a", "b")),
              valid={"*:ndim*": ANY_SHAPE, "*:size*": ANY_SHAPE, "*:int": "any dtype", "*:bool": "any dtype",
-                    "*:float32": "any dtype", "*:nan": "values are not looked at", "*:inf": "values are not looked at"})
+                    "*:float32": "any dtype", "*:nan": "values are not looked at", "*:inf": "values are not looked at",
+                    "*:none": "None entries are ignored (optional arguments, documented); all None is an error naming them"})
     register("core.device_of", x, valid={"x:*": "any array has a device"},
              )
     register("core.one_hot", lambda: {"indices": np.array([0, 2, 1]), "num_classes": 3, "dtype": np.float64},
@@ -680,15 +595,16 @@ def _register_core() -> None:
                                       "x:bool": "booleans are ordered too", "x:nan": PROPAGATES, "x:inf": "+inf is the largest value"},
              skip={"axis:*": "axis is NumPy's own argument"})
     register("core.take_along_axis", lambda: {"x": _rng().normal(size=(N, N_EXP)), "indices": np.array([[0, 2]] * N)},
-             valid={"x:nan": PROPAGATES, "x:inf": PROPAGATES, "x:int": "a gather of any dtype", "x:bool": "a gather of any dtype"},
+             valid={"x:nan": PROPAGATES, "x:inf": PROPAGATES, "x:int": "a gather of any dtype", "x:bool": "a gather of any dtype",
+                    "x:size1+1": "the gathered axis is free (the indices stay in range)",
+                    "indices:size1+1": "any number of entries may be gathered"},
              skip={"axis:*": "axis is NumPy's own argument"})
     register("core.inverse_permutation", lambda: {"perm": np.array([2, 0, 1, 4, 3])},
              valid={"perm:ndim+1": "a batch of permutations"})
     register("core.segment_sum", lambda: {"values": _rng().normal(size=(N, 2)), "segment_ids": np.array([0, 1, 0, 2, 1]),
                                           "num_segments": 3},
              valid={"values:nan": PROPAGATES, "values:inf": PROPAGATES, "values:int": "sums of integers",
-                    "values:bool": PRIMITIVE_INT, "values:size1+1": "trailing axes are summed elementwise",
-                    "values:ndim+1": "trailing axes are summed elementwise"})
+                    "values:bool": PRIMITIVE_INT, "values:size1+1": "trailing axes are summed elementwise"})
     register("core.tree_add_scaled",
              lambda: {"params": _gate_params(), "grads": _gate_params(1), "step": 0.5},
              valid={"params.*:nan": PROPAGATES, "params.*:inf": PROPAGATES, "grads.*:nan": PROPAGATES, "grads.*:inf": PROPAGATES,
@@ -750,9 +666,32 @@ def _register_validation() -> None:
              skip=META, valid={"like:ndim*": "only the library and dtype of like are read", "like:size*": "only the library and dtype of like are read",
                                "like:nan": "only the library and dtype of like are read", "like:inf": "only the library and dtype of like are read",
                                "like:*": Expected("like is one of the forward's inputs; the message calls it that")})
+    register("validation.check_scalar_cotangent", lambda: {"cotangent": np.array(1.0), "like": a(), "name": "cotangent"},
+             skip=META | {"what:*": "describes the check"},
+             valid={"like:ndim*": "only the library and dtype of like are read", "like:size*": "only the library and dtype of like are read",
+                    "like:nan": "only the library and dtype of like are read", "like:inf": "only the library and dtype of like are read",
+                    "like:*": Expected("like is one of the forward's inputs; the message calls it that")})
     register("validation.check_positive_int", lambda: {"value": 3, "name": "value", "minimum": 1, "maximum": 5}, skip=META)
     register("validation.check_positive_float", lambda: {"value": 0.5, "name": "value"}, skip=META)
     register("validation.check_choice", lambda: {"value": "a", "name": "value", "choices": ("a", "b")}, skip=META)
+    register("validation.check_int", lambda: {"value": 3, "name": "value"}, skip=META,
+             valid={"value:-1": "any integer (ranges: check_positive_int)", "value:0": "any integer (ranges: check_positive_int)"})
+    idx = lambda: np.array([0, 2, 1])  # noqa: E731
+    unread = "values are not looked at"
+    register("validation.check_int_array", lambda: {"x": idx(), "name": "x", "ndim": 1}, skip=META,
+             valid={"x:size*": "no size is asked for", "x:too_large": unread, "x:negative": unread})
+    register("validation.check_index_range", lambda: {"x": idx(), "name": "x", "upper": 3},
+             skip=META | {"upper:*": "describes the check"},
+             valid={"x:ndim*": ANY_SHAPE, "x:size*": "a grown array repeats an index in range",
+                    "x:float": "a range check (the dtype is check_int_array's)"})
+    register("validation.check_permutation", lambda: {"perm": np.array([2, 0, 1])}, call=lambda perm: __import__(
+                 "moeref.validation", fromlist=["x"]).check_permutation(perm, "perm"),
+             valid={"perm:ndim+1": "a batch of permutations, one per row",
+                    "perm:float": "a value check (the dtype is check_int_array's): 2.0, 0.0, 1.0 is a permutation"})
+    register("validation.check_same_tree", lambda: {"tree": _gate_params(1), "like": _gate_params(), "name": "tree", "like_name": "like"},
+             skip=META | {"like_name:*": "the argument name used in the message"},
+             valid={f"*:{m}": "structure, shapes and libraries are compared; dtypes and values are the caller's"
+                    for m in ("int", "bool", "float32", "nan", "inf")})
     NOT_APPLICABLE["validation.concrete_bool"] = "bool() of a value, None under tracing: every input is valid by design"
 
 
@@ -1114,7 +1053,8 @@ def _register_em() -> None:
     xr = lambda: with_intercept(_rng(52).normal(size=(N_EM, 1)))  # noqa: E731
     yr = lambda: _rng(53).normal(size=(N_EM,))  # noqa: E731
     pr = lambda: RegressionMixtureParams(np.array([[0.5, -0.5], [1.0, -1.0]]), np.array([1.0, 0.5]), np.array([0.4, 0.6]))  # noqa: E731
-    register("regression_mixture.with_intercept", lambda: {"x": _rng(52).normal(size=(N_EM, 1))})
+    register("regression_mixture.with_intercept", lambda: {"x": _rng(52).normal(size=(N_EM, 1))},
+             valid={"x:ndim-1": "a 1-D x of shape (N,) is one regressor (documented)", "x:size*": ANY_SHAPE})
     for name in ("regression_mixture_log_joint", "regression_mixture_loglik", "regression_mixture_posteriors",
                  "regression_mixture_e_step"):
         register(f"regression_mixture.{name}", lambda: {"x": xr(), "y": yr(), "params": pr()})
@@ -1145,10 +1085,12 @@ def _register_em() -> None:
               for m in ("int", "bool", "float32", "nan", "inf", "torch")}
     register("moe_em.moe_n_free_parameters", lambda: {"gate": gate, "experts": experts, "params": mp()}, skip=families,
              valid=counts | {"params.experts.bias:*": Same("the count reads the weight and cov shapes only"),
+                             "params.gate.weight:size0+1": "a gate for wider inputs has more parameters: the count follows the shapes",
                              "params.experts.cov:*": "the count of isotropic covariances is K (cov is not read)",
                              "params.experts.weight:size*": "a bigger model has more parameters: the count follows the shapes"})
     register("moe_em.moe_penalty", lambda: {"gate": gate, "experts": experts, "params": mp()}, skip=families,
-             valid={"params.experts*": Same("the penalty reads the gate only (the experts have none)")})
+             valid={"params.experts*": Same("the penalty reads the gate only (the experts have none)"),
+                    "params.gate.weight:size0+1": "a gate for wider inputs: its penalty is well defined"})
     register("moe_em.moe_random_starts",
              lambda: {**fam(), "template": mp(), "generator": np.random.default_rng(0), "n_starts": 2}, skip=families | GENERATOR)
     register("moe_em.fit_moe", lambda: {**fam(), "init": mp(), "options": _em_options()}, skip=families)
@@ -1163,8 +1105,10 @@ def _register_em() -> None:
     hm = lambda: {"x": x_em(), "y": y_em()}  # noqa: E731
     register("hme_em.hme_e_step", lambda: {**hm(), "params": hp(), "variance": 0.5})
     singular = {"x:size1+1": Expected("a duplicated input column is singular: SingularWeightedLeastSquaresError")}
+    unread = Same("the M-step does not read the likelihood fields of the posteriors (documented)")
     register("hme_em.hme_m_step", lambda: {**hm(), "state": HMEFitParams(hp(), 0.5),
-                                            "posteriors": hme_posteriors(x_em(), y_em(), hp(), variance=0.5)}, valid=singular)
+                                            "posteriors": hme_posteriors(x_em(), y_em(), hp(), variance=0.5)},
+             valid=singular | {"posteriors.log_likelihood:*": unread, "posteriors.log_node_likelihoods*": unread})
     register("hme_em.hme_random_starts", lambda: {**hm(), "template": hp(), "generator": np.random.default_rng(0), "n_starts": 2},
              skip=GENERATOR, valid=singular | {"template.experts.*": Same("the starts fit the experts: the template's values are not read")})
     register("hme_em.fit_hme", lambda: {**hm(), "init": hp(), "variance": 0.5, "options": _em_options()})
@@ -1204,13 +1148,14 @@ def _register_stable_extras() -> None:
     xs = lambda: _rng(60).normal(size=(N_EM, D_IN))  # noqa: E731
     tg = lambda: np.column_stack([np.linspace(0.1, 0.9, N_EM), 1 - np.linspace(0.1, 0.9, N_EM)])  # noqa: E731
     wmn = lambda: {"x": xs(), "targets": tg(), "sample_weight": np.ones(N_EM), "weight": np.zeros((D_IN, 2)), "bias": np.zeros(2)}  # noqa: E731
-    register("softmax_gate.weighted_multinomial_objective", wmn)
-    register("softmax_gate.fit_weighted_multinomial", lambda: {**wmn(), "max_iter": 5})
+    unit = {"sample_weight:none": "None: unit observation weights (documented)"}
+    register("softmax_gate.weighted_multinomial_objective", wmn, valid=unit)
+    register("softmax_gate.fit_weighted_multinomial", lambda: {**wmn(), "max_iter": 5}, valid=unit)
     register("glm_experts.class_targets", lambda: {"labels": np.array([0, 2, 1, 1]), "n_classes": 3},
              valid={"labels:size0+1": "N is free"})
     register("em_init.random_responsibilities", lambda: {"draws": np.linspace(0.05, 0.95, N_EM), "n_components": 2},
              valid={"draws:size0+1": "N is free"})
-    register("em.entropy", lambda: {"responsibilities": tg()})
+    register("em.entropy", lambda: {"responsibilities": tg()}, valid={"responsibilities:size*": "N and K are free"})
     register("em.check_nonempty_components", lambda: {"weights": tg(), "min_weight": 1e-8},
              valid={"weights:int": Expected("the cast weights are all 0: EmptyComponentError is the right answer"),
                     "weights:size*": "N and K are free"})
@@ -1220,6 +1165,155 @@ def _register_stable_extras() -> None:
              valid={"y:size1+1": "D is free", "weights:size1+1": "K is free",
                     "design:size1+1": Expected("a duplicated column is singular: SingularWeightedLeastSquaresError"),
                     "weights:int": Expected("the cast weights are all 0: SingularWeightedLeastSquaresError")})
+
+
+
+def _register_finished() -> None:
+    """Modules finished after the catalogue was first written: hash routing, expert choice, BASE layers and
+    their balanced assignment, REINFORCE routing, upcycling, the covariance structures, EM initialisation
+    and the weighted least squares (soft_moe is registered with the sparse layers above)."""
+    from moeref.balanced_assignment import AuctionOptions
+    from moeref.base_layer import BaseLayerOptions, BaseLayerParams
+    from moeref.expert_choice import ExpertChoiceOptions, ExpertChoiceParams
+    from moeref.expert_ffn import RELU_FFN
+    from moeref.router import RouterParams
+    from moeref.upcycling import RouterInit
+
+    V = 7  # vocabulary of the hash routes
+    ids = lambda: np.array([0, 3, 6, 3, 1, 5])  # noqa: E731  (T token ids)
+    table = lambda: np.array([0, 1, 4, 2, 3, 1, 0])  # noqa: E731  (V,) expert of each id
+    register("hash_routing.random_hash_table", lambda: {"vocab_ids": np.arange(V), "num_experts": E, "seed": 3, "layer": 1},
+             valid={"vocab_ids:ndim+1": ANY_SHAPE, "vocab_ids:size0+1": "any ids may be hashed (a repeated id hashes the same)",
+                    "vocab_ids:too_large": "any id in [0, 2^32) is hashed", "seed:0": "0 is a seed", "layer:0": "layer 0 is the first"})
+    register("hash_routing.balanced_hash_table", lambda: {"counts": np.array([5.0, 9.0, 1.0, 4.0, 4.0, 0.0, 2.0]), "num_experts": E},
+             valid={"counts:size0+1": "V is free", "counts:int": "integer counts are counts"})
+    register("hash_routing.hash_routes", lambda: {"token_ids": ids(), "table": table(), "num_experts": E},
+             valid={"token_ids:size0+1": "T is free", "table:size0+1": "V is free (a bigger vocabulary)"})
+    hl = lambda: {"x": _tokens(), "token_ids": ids(), "table": table(), "experts": _ffn_params(), "ffn": RELU_FFN}  # noqa: E731
+    register("hash_routing.hash_layer", hl, valid=FREE_T | {"table:size0+1": "V is free (a bigger vocabulary)"})
+    register("hash_routing.hash_layer_vjp", lambda: {**hl(), "cotangent": _rng(70).normal(size=(T, D_MODEL))},
+             valid={"table:size0+1": "V is free (a bigger vocabulary)"})
+
+    ec_opts = ExpertChoiceOptions(capacity_factor=1.0, min_capacity=0, ffn=RELU_FFN)
+    ec_params = lambda: ExpertChoiceParams(_rng(71).normal(size=(D_MODEL, E)), _ffn_params(), _rng(72).normal(size=(E,)))  # noqa: E731
+    register("expert_choice.expert_choice_capacity", lambda: {"tokens_per_group": T, "num_experts": E, "options": ec_opts})
+    register("expert_choice.expert_choice_routes", lambda: {"scores": core_softmax(_rng(73).normal(size=(T, E))), "capacity": 2},
+             valid={"scores:size*": "T and E are free"})
+    register("expert_choice.expert_choice_layer", lambda: {"x": _tokens(), "params": ec_params(), "options": ec_opts}, valid=FREE_T)
+    register("expert_choice.expert_choice_layer_vjp",
+             lambda: {"x": _tokens(), "params": ec_params(), "options": ec_opts, "cotangent": _rng(74).normal(size=(T, D_MODEL))})
+
+    T_BAL = 6  # tokens: a multiple of the 3 experts of the balanced problems
+    aff = lambda: _rng(75).normal(size=(T_BAL, 3))  # noqa: E731
+    register("balanced_assignment.balanced_assignment", lambda: {"affinities": aff(), "options": AuctionOptions()},
+             valid={"affinities:size1+1": Expected("T=6 tokens over 4 experts is not balanced: the error says T % E"),
+                    "affinities:size0+1": Expected("T=7 tokens over 3 experts is not balanced: the error says T % E")})
+    assigned = lambda: np.array([0, 1, 2, 0, 1, 2])  # noqa: E731
+    register("balanced_assignment.assignment_value", lambda: {"affinities": aff(), "expert_index": assigned()},
+             valid={"affinities:size1+1": "E is free (the indices stay in range)"})
+    register("balanced_assignment.dual_bound", lambda: {"affinities": aff(), "prices": np.array([0.1, -0.2, 0.3])})
+    register("balanced_assignment.positions_in_expert", lambda: {"expert_index": assigned(), "num_experts": 3},
+             valid={"expert_index:size0+1": "T is free"})
+
+    base_params = lambda: BaseLayerParams(_rng(76).normal(size=(E, D_MODEL)), _ffn_params())  # noqa: E731
+    base_opts = BaseLayerOptions()
+    T_BASE = 10  # a multiple of E for the balanced (training) assignment
+    xb = lambda: _rng(77).normal(size=(T_BASE, D_MODEL))  # noqa: E731
+    register("base_layer.base_layer", lambda: {"x": xb(), "params": base_params(), "options": base_opts})
+    register("base_layer.base_layer[eval]", lambda: {"x": _tokens(), "params": base_params(), "options": base_opts, "training": False},
+             valid=FREE_T)
+    register("base_layer.base_layer_vjp",
+             lambda: {"x": xb(), "params": base_params(), "options": base_opts, "cotangent": _rng(78).normal(size=(T_BASE, D_MODEL))})
+
+    rp = lambda: RouterParams(_rng(79).normal(size=(D_MODEL, E)), _rng(80).normal(size=(E,)))  # noqa: E731
+    logits = lambda: _rng(81).normal(size=(T, E))  # noqa: E731
+    action = lambda: np.array([0, 4, 2, 2, 1, 3])  # noqa: E731
+    reward = lambda: _rng(82).normal(size=(T,))  # noqa: E731
+    register("reinforce.policy_logits", lambda: {"x": _tokens(), "params": rp()}, valid=FREE_T)
+    free_e = {"logits:size1+1": "E is free (the actions stay in range)"}
+    register("reinforce.sample_policy", lambda: {"logits": logits(), "uniform": _rng(83).uniform(size=(T,))}, valid=free_e)
+    register("reinforce.reinforce_logits_gradient",
+             lambda: {"logits": logits(), "action": action(), "reward": reward(), "baseline": np.full(T, 0.1)},
+             valid={"baseline:none": "None: no baseline (documented)"} | free_e)
+    register("reinforce.reinforce_gradient",
+             lambda: {"x": _tokens(), "params": rp(), "action": action(), "reward": reward(), "baseline": np.full(T, 0.1)},
+             valid={"baseline:none": "None: no baseline (documented)"})
+    register("reinforce.expected_reward", lambda: {"logits": logits(), "rewards": _rng(84).normal(size=(T, E))})
+    register("reinforce.expected_reward_vjp",
+             lambda: {"logits": logits(), "rewards": _rng(84).normal(size=(T, E)), "cotangent": np.array(1.0)})
+
+    dense = lambda: _ffn_params(e=1)._replace(w_in=_rng(85).normal(size=(D_MODEL, I_FFN)), w_out=_rng(86).normal(size=(I_FFN, D_MODEL)),  # noqa: E731
+                                               b_in=_rng(87).normal(size=(I_FFN,)), b_out=_rng(88).normal(size=(D_MODEL,)))
+    draws = lambda: np.clip(_rng(89).normal(size=(D_MODEL, E)), -2, 2)  # noqa: E731
+    register("upcycling.upcycle", lambda: {"dense": dense(), "num_experts": E, "ffn": RELU_FFN, "router_draws": draws(),
+                                           "router_init": RouterInit()})
+
+    def up_ct():
+        from moeref.upcycling import upcycle
+
+        return upcycle(dense(), E, RELU_FFN, draws(), router_init=RouterInit())
+
+    register("upcycling.upcycle_vjp", lambda: {"dense": dense(), "num_experts": E, "ffn": RELU_FFN, "router_draws": draws(),
+                                               "cotangent": up_ct(), "router_init": RouterInit()},
+             valid={"cotangent.*:none": "a None cotangent field counts as 0 (documented)"})
+    # covariance structures: K=2 components, N=5 residuals of D=2 outputs
+    from moeref import gaussian_covariance as gc
+
+    r3 = lambda: _rng(90).normal(size=(2, 5, 2))  # noqa: E731
+    chol = lambda: np.array([[[1.0, 0.0], [0.3, 0.8]], [[0.9, 0.0], [-0.2, 1.1]]])  # noqa: E731
+    stored = {"full": chol, "diagonal": lambda: np.array([[1.0, 0.5], [2.0, 0.7]]), "isotropic": lambda: np.array([1.0, 0.4])}
+    for st, cov in stored.items():
+        register(f"gaussian_covariance.check_cov[{st}]", lambda c=cov, st=st: {"cov": c(), "structure": st, "n_cov": 2, "D": 2, "name": "cov"},
+                 skip=META | {"n_cov:*": "describes the check"})
+        free_r = {"r:size1+1": "N is free", **({"r:size2+1": "D is free (an isotropic cov does not fix it)"} if st == "isotropic" else {})}
+        register(f"gaussian_covariance.residual_log_density[{st}]", lambda c=cov, st=st: {"structure": st, "cov": c(), "r": r3()},
+                 valid=free_r)
+        register(f"gaussian_covariance.residual_log_density_vjp[{st}]",
+                 lambda c=cov, st=st: {"structure": st, "cov": c(), "r": r3(), "cotangent": _rng(91).normal(size=(2, 5))},
+                 valid={k: v for k, v in free_r.items() if k != "r:size1+1"})
+        register(f"gaussian_covariance.cov_matrices[{st}]", lambda c=cov, st=st: {"structure": st, "cov": c(), "D": 2},
+                 valid={"cov:size0+1": "K' is free", "D:*": Same("isotropic: D is only the size of the identity")} if st == "isotropic"
+                 else {"cov:size0+1": "K' is free"})
+        register(f"gaussian_covariance.cov_unconstrained[{st}]", lambda c=cov, st=st: {"structure": st, "cov": c()},
+                 valid={"cov:size*": "K' and D are free"})
+        free = lambda c=cov, st=st: gc.cov_unconstrained(st, c())  # noqa: E731
+        register(f"gaussian_covariance.cov_constrained[{st}]", lambda f=free, st=st: {"structure": st, "free": f()},
+                 valid={"free:size0+1": "K' is free", **({"free:size1+1": "D is free"} if st == "diagonal" else {})})
+        register(f"gaussian_covariance.cov_constrained_vjp[{st}]",
+                 lambda f=free, st=st: {"structure": st, "free": f(), "cov_bar": _rng(92).normal(size=f().shape)})
+        register(f"gaussian_covariance.weighted_cov_mle[{st}]",
+                 lambda st=st: {"structure": st, "r": r3(), "weights": _rng(93).uniform(0.2, 1.0, size=(5, 2)), "tied": False,
+                                "factor": 1.0, "min_sigma": 1e-8},
+                 valid={} if st == "full" else {"r:size2+1": "D is free"})
+    register("gaussian_covariance.cov_count", lambda: {"structure": "full", "D": 3})
+    register("gaussian_covariance.cov_from_matrices",
+             lambda: {"structure": "full", "sigma": gc.cov_matrices("full", chol(), 2)},
+             valid={"sigma:size0+1": "K' is free"})
+
+    # EM initialisation and helpers
+    like = lambda: np.zeros((N_EM, 1))  # noqa: E731
+    register("em_init.draw_uniforms", lambda: {"generator": np.random.default_rng(0), "n_samples": N_EM, "like": like()},
+             skip=GENERATOR, valid={"like:*": "only the namespace, dtype and device of like are read"})
+    register("em_init.random_starts",
+             lambda: {"generator": np.random.default_rng(0), "n_starts": 2, "m_step": lambda tau: tau, "n_components": 2,
+                      "like": like()},
+             skip=GENERATOR, valid={"like:*": "only the first axis, namespace, dtype and device of like are read"})
+    register("weighted_lstsq.split_coefficients", lambda: {"theta": _rng(94).normal(size=(2, 3, 1)), "d": 2},
+             valid={"theta:size0+1": "K is free", "theta:size2+1": "D is free", "theta:nan": PROPAGATES, "theta:inf": PROPAGATES})
+    register("gaussian_gate.gaussian_gate_params",
+             lambda: {"weights": np.array([0.4, 0.6]), "means": _rng(95).normal(size=(2, 3)), "cov": np.array([1.0, 0.5])},
+             valid={"means:size1+1": "d is free with an isotropic cov"})
+    register("em.first_true", lambda: {"flags": np.array([False, True, True])}, valid={"flags:size0+1": "any length"})
+    register("em.check_nonnegative_float", lambda: {"value": 0.5, "name": "value"}, skip=META)
+    register("em.information_criteria", lambda: {"loglik": -10.0, "n_free_parameters": 3, "n_samples": 20, "entropy_value": 0.5},
+             valid={"loglik:-1": "any real log-likelihood", "n_free_parameters:0": "a model without free parameters"})
+    register("em.aitken_limit", lambda: {"l0": -12.0, "l1": -11.0, "l2": -10.5},
+             valid={"l*:-1": "any real log-likelihood",
+                    "l*:nan": "None: the extrapolation is undefined there (documented; run_em refuses a NaN log-likelihood first)"})
+    for name in ("stopping_rule_met", "find_loglik_decreases", "check_loglik_trace"):
+        NOT_APPLICABLE[f"em.{name}"] = "host-side rules over a Python sequence of floats (exercised through every fit_* entry)"
+    for name in ("run_em", "run_restarts"):
+        NOT_APPLICABLE[f"em.{name}"] = "drivers over caller callables (exercised through every fit_* entry)"
 
 
 def with_ones(x: np.ndarray) -> np.ndarray:
@@ -1237,6 +1331,13 @@ def register_all() -> None:
     _register_em()
     _register_presets()
     _register_stable_extras()
+    _register_finished()
+
+
+def core_softmax(x: np.ndarray) -> np.ndarray:
+    from moeref.core import softmax
+
+    return softmax(x)
 
 
 register_all()

@@ -161,3 +161,16 @@ def test_traced_affinities_are_rejected_with_advice(rng):
     a = jax.numpy.asarray(rng.normal(size=(4, 2)))
     with pytest.raises(TypeError, match=r"needs concrete affinities, got traced values \(jax.jit / jax.grad\)"):
         jax.jit(lambda a: balanced_assignment(a).expert_index)(a)
+
+
+def test_helpers_check_their_arguments():
+    a = np.array([[3.0, 1.0], [2.0, 0.0], [1.0, 0.5], [0.0, 2.0]])
+    with pytest.raises(ValueError, match=r"expert_index has values up to 2 but affinities has E=2 columns"):
+        assignment_value(a, np.array([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="affinities contains NaN"):
+        assignment_value(np.where(a == 0.0, np.nan, a), np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"prices has shape \(3,\) but \(2,\) was expected"):
+        dual_bound(a, np.zeros(3))
+    with pytest.raises(ValueError, match=r"expert_index has negative values \(min -1\)"):
+        positions_in_expert(np.array([0, -1, 1]), 2)
+    np.testing.assert_array_equal(positions_in_expert(np.array([1, 0, 1, 1]), 2), [0, 0, 1, 2])

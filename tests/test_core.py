@@ -149,3 +149,80 @@ def test_array_namespace_names_mixed_libraries():
         core.array_namespace(np.ones(2), torch.ones(2), names=("a", "b"))
     with pytest.raises(TypeError, match="c must be an array"):
         core.array_namespace([1.0, 2.0], names=("c",))
+
+
+def test_primitives_refuse_bad_input_with_the_argument_named():
+    with pytest.raises(TypeError, match="x must have a real floating-point dtype.*got bool"):
+        core.softmax(np.array([True, False]))
+    with pytest.raises(TypeError, match="x must have a real floating-point dtype.*got int64"):
+        core.log_softmax(np.array([1, 2]))
+    with pytest.raises(TypeError, match="x must be an array, got None"):
+        core.logsumexp(None)
+    with pytest.raises(TypeError, match="k must be an int, got float 1.5"):
+        core.top_k(np.ones((2, 3)), 1.5)
+    with pytest.raises(ValueError, match=r"cotangent has shape \(2, 4\) but \(2, 3\) was expected \(the shape of p\)"):
+        core.softmax_vjp(np.ones((2, 3)) / 3, np.ones((2, 4)))
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        core.one_hot(np.array([0.0, 1.0]), 2, dtype=np.float64)
+    with pytest.raises(ValueError, match="num_classes must be at least 1"):
+        core.one_hot(np.array([0, 1]), 0, dtype=np.float64)
+    with pytest.raises(TypeError, match="x must be an array .* got builtins.list"):
+        core.device_of([1.0])
+    with pytest.raises(TypeError, match="one of a, b must be an array, got None"):
+        core.array_namespace(None, None, names=("a", "b"))
+
+
+def test_segment_sum_refuses_ids_outside_the_segments():
+    v = np.ones((3, 1))
+    with pytest.raises(ValueError, match=r"segment_ids has values up to 7 but num_segments=3 segments were given \(entries must lie in \[0, 3\)\)"):
+        core.segment_sum(v, np.array([0, 1, 7]), 3)  # row 2 would be lost silently
+    with pytest.raises(ValueError, match=r"segment_ids has negative values \(min -1\)"):
+        core.segment_sum(v, np.array([0, -1, 2]), 3)
+    with pytest.raises(ValueError, match=r"values has shape \(3, 1\) but segment_ids has shape \(2,\)"):
+        core.segment_sum(v, np.array([0, 1]), 3)
+    with pytest.raises(TypeError, match="segment_ids must have an integer dtype"):
+        core.segment_sum(v, np.array([0.0, 1.0, 2.0]), 3)
+    np.testing.assert_array_equal(core._segment_sum(v, np.array([0, 1, 1]), 2), [[1.0], [2.0]])  # the unchecked twin
+
+
+def test_inverse_permutation_refuses_a_non_permutation():
+    with pytest.raises(ValueError, match=r"perm must be a permutation of 0\.\.2"):
+        core.inverse_permutation(np.array([0, 0, 1]))
+    with pytest.raises(ValueError, match=r"perm must be a permutation of 0\.\.2"):
+        core.inverse_permutation(np.array([0, 3, 1]))
+    with pytest.raises(TypeError, match="perm must have an integer dtype"):
+        core.inverse_permutation(np.array([1.0, 0.0]))
+    # a batch of permutations, row by row; the unchecked twin agrees on a permutation
+    perms = np.array([[2, 0, 1], [0, 1, 2]])
+    np.testing.assert_array_equal(core.inverse_permutation(perms), [[1, 2, 0], [0, 1, 2]])
+    np.testing.assert_array_equal(core._inverse_permutation(perms[0]), [1, 2, 0])
+
+
+def test_take_along_axis_refuses_indices_libraries_disagree_on():
+    x = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match=r"indices has negative values \(min -1\) but x has 3 entries along axis -1"):
+        core.take_along_axis(x, np.array([[0], [-1]]))
+    with pytest.raises(ValueError, match="indices has values up to 3"):
+        core.take_along_axis(x, np.array([[0], [3]]))
+    with pytest.raises(ValueError, match=r"indices must have the rank of x \(2\)"):
+        core.take_along_axis(x, np.array([0, 1]))
+    np.testing.assert_array_equal(core.take_along_axis(x, np.array([[2], [0]])), [[2.0], [3.0]])
+
+
+def test_tree_add_scaled_refuses_mismatched_trees():
+    from moeref.gates import LinearSoftmaxGateParams
+
+    p = LinearSoftmaxGateParams(np.zeros((2, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match=r"grads.bias has shape \(4,\) but params.bias has shape \(3,\)"):
+        core.tree_add_scaled(p, p._replace(bias=np.zeros(4)), 0.1)
+    with pytest.raises(TypeError, match="grads must have the structure of params: params is a LinearSoftmaxGateParams"):
+        core.tree_add_scaled(p, tuple(p), 0.1)
+    out = core.tree_add_scaled(p, LinearSoftmaxGateParams(np.ones((2, 3)), np.ones(3)), 0.5)
+    assert isinstance(out, LinearSoftmaxGateParams) and np.all(out.weight == 0.5)
+
+
+def test_top_k_orders_booleans_and_unsigned_integers():
+    _, idx = core.top_k(np.array([False, True, True]), 2)
+    np.testing.assert_array_equal(idx, [1, 2])
+    _, idx = core.top_k(np.array([0, 3, 255], dtype=np.uint8), 2)
+    np.testing.assert_array_equal(idx, [2, 1])

@@ -316,3 +316,21 @@ def test_run_restarts_first_wins_ties_and_failures_are_recorded():
 def test_a_single_run_em_result_has_no_restart_records():
     res, _, _ = _toy_fit(2.0)
     assert res.restarts == () and res.best_restart == 0
+
+
+def test_helpers_refuse_non_finite_and_misshapen_input():
+    from moeref.em import check_nonempty_components, entropy, first_true, information_criteria
+
+    w = np.column_stack([np.full(4, 0.5), np.full(4, 0.5)])
+    with pytest.raises(ValueError, match=r"weights contains NaN or infinite values \(column 1 sums to nan\)"):
+        check_nonempty_components(w * np.array([1.0, np.nan]), 1e-8)
+    with pytest.raises(ValueError, match="weights must be 2-dimensional"):
+        check_nonempty_components(w[:, 0], 1e-8)
+    with pytest.raises(ValueError, match="min_weight must be a finite non-negative float"):
+        check_nonempty_components(w, float("nan"))
+    with pytest.raises(ValueError, match="responsibilities contains NaN"):
+        entropy(np.full((4, 2), np.nan))
+    with pytest.raises(TypeError, match="flags must be a 1-D boolean array"):
+        first_true(np.array([0, 1]))
+    with pytest.raises(ValueError, match="loglik must be a finite Python float"):
+        information_criteria(float("nan"), 3, 10)

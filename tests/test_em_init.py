@@ -103,3 +103,12 @@ def test_bad_input_names_the_argument():
         random_responsibilities(np.zeros(3), 0)
     with pytest.raises(ValueError, match="draws must be"):
         random_responsibilities(np.zeros((3, 1)), 2)
+
+
+def test_draws_outside_the_unit_interval_and_bad_like_are_refused():
+    with pytest.raises(ValueError, match=r"draws must hold uniforms in \[0, 1\)"):
+        random_responsibilities(np.array([0.2, np.nan, 0.5]), 2)
+    with pytest.raises(TypeError, match="like must have a real floating-point dtype"):
+        draw_uniforms(np.random.default_rng(0), 3, like=np.zeros(3, dtype=bool))
+    with pytest.raises(TypeError, match="like must be an array, got None"):
+        random_starts(np.random.default_rng(0), 1, lambda tau: tau, n_components=2, like=None)

@@ -456,7 +456,9 @@ def test_bad_input_names_the_argument(rng):
     with pytest.raises(ValueError, match='params.cov must be positive \\(variances'):
         GaussianGate("diagonal").log_weights(gaussian_gate_params(params.weights, params.density.means, -np.ones((3, 2))), x)
     with pytest.raises(ValueError, match="params.means contains NaN"):
-        gate.log_weights(gaussian_gate_params(params.weights, np.full((3, 2), np.nan), params.density.cov), x)
+        gate.log_weights(params._replace(density=params.density._replace(means=np.full((3, 2), np.nan))), x)
+    with pytest.raises(ValueError, match="means contains NaN"):  # the record builder checks too
+        gaussian_gate_params(params.weights, np.full((3, 2), np.nan), params.density.cov)
     with pytest.raises(TypeError, match="real floating-point dtype"):
         gate.log_weights(params, np.ones((N, 2), dtype=np.int64))
     with pytest.raises(ValueError, match=r"cotangent has shape \(12, 2\) but \(12, 3\) was expected"):

@@ -400,7 +400,7 @@ def test_bad_input_names_the_argument(rng):
         fit_hme(np.full_like(x, np.nan), y, init)
     with pytest.raises(TypeError, match="init must be a HMEParams"):
         fit_hme(x, y, tuple(init))
-    with pytest.raises(ValueError, match="params.experts.weight has shape"):
+    with pytest.raises(ValueError, match="init.experts.weight has shape"):
         fit_hme(x, y, init._replace(experts=LinearExpertsParams(np.zeros((3, 1, 1)), np.zeros((3, 1)))))
     with pytest.raises(TypeError, match="options must be an EMOptions"):
         fit_hme(x, y, init, options={"max_iter": 3})
@@ -411,3 +411,28 @@ def test_bad_input_names_the_argument(rng):
         hme_m_step(x, y, init, post)
     with pytest.raises(TypeError, match="posteriors must be a HMEPosteriors"):
         hme_m_step(x, y, HMEFitParams(init, np.asarray(1.0)), tuple(post))
+
+
+def test_m_step_and_penalty_validate_their_records(rng):
+    x, y = rng.normal(size=(12, 2)), rng.normal(size=(12, 2))
+    params = _tree(rng, (2, 3), d_in=2, d_out=2)
+    post = hme_posteriors(x, y, params, variance=0.7)
+    state = HMEFitParams(params, np.asarray(0.7))
+    with pytest.raises(ValueError, match="posteriors.paths contains NaN"):
+        hme_m_step(x, y, state, post._replace(paths=np.full_like(post.paths, np.nan)))
+    with pytest.raises(ValueError, match=r"posteriors.conditionals\[1\] has shape \(12, 2, 2\) but \(12, 2, 3\) was expected"):
+        hme_m_step(x, y, state, post._replace(conditionals=(post.conditionals[0], post.conditionals[1][:, :, :2])))
+    with pytest.raises(TypeError, match="posteriors.nodes must be a tuple of 3 arrays"):
+        hme_m_step(x, y, state, post._replace(nodes=post.nodes[:2]))
+    with pytest.raises(ValueError, match="state.variance must be a finite positive number"):
+        hme_m_step(x, y, HMEFitParams(params, -1.0), post)
+    with pytest.raises(ValueError, match=r"state.hme.gate_weights\[0\] contains NaN"):
+        hme_m_step(x, y, HMEFitParams(params._replace(gate_weights=(np.full((1, 2, 2), np.nan), params.gate_weights[1])), 0.7), post)
+    with pytest.raises(ValueError, match=r"params.gate_biases\[1\] contains NaN or infinite values"):
+        hme_penalty(params._replace(gate_biases=(params.gate_biases[0], np.full((2, 3), np.nan))), SoftmaxGate(ridge=0.1))
+    with pytest.raises(TypeError, match="params must be a HMEParams, got NoneType"):
+        hme_penalty(None, SoftmaxGate(ridge=0.1))
+    # the likelihood fields are not read by the M-step (documented)
+    same = hme_m_step(x, y, state, post._replace(log_likelihood=None, log_node_likelihoods=()), gate=TIGHT)
+    ref = hme_m_step(x, y, state, post, gate=TIGHT)
+    np.testing.assert_array_equal(same.hme.experts.weight, ref.hme.experts.weight)

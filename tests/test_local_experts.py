@@ -354,3 +354,30 @@ def test_float32_gradients_stay_float32(rng):
     assert all(a.dtype == np.float32 for a in leaves(g))
     fit = fit_local_experts(x, y, p, learning_rate=0.1, steps=2)
     assert all(a.dtype == np.float32 for a in leaves(fit))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_minus_inf_gate_bias_switches_an_expert_off_as_in_the_gates(variant, rng):
+    """A -inf gate bias is accepted here as by moeref.gates: that expert gets weight 0 and no posterior."""
+    x, y = rng.normal(size=(N, D_IN)), rng.normal(size=(N, D_OUT))
+    p = _params(rng, variant, D_IN, N_EXPERTS, D_OUT)
+    off = p._replace(gate=p.gate._replace(bias=np.array([0.0, -np.inf, 0.5])))
+    np.testing.assert_allclose(linear_softmax_gate(x, off.gate)[:, 1], 0.0)
+    assert np.all(np.isfinite(local_experts_log_likelihood(x, y, off)))
+    np.testing.assert_allclose(local_experts_posteriors(x, y, off)[:, 1], 0.0)
+    with pytest.raises(ValueError, match="params.gate.bias contains NaN or infinite values"):
+        local_experts_log_likelihood(x, y, p._replace(gate=p.gate._replace(bias=np.array([0.0, np.inf, 0.5]))))
+
+
+def test_bad_input_names_y_and_the_start():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(N, D_IN)), rng.normal(size=(N, D_OUT))
+    p = _params(rng, "constant", D_IN, N_EXPERTS, D_OUT)
+    with pytest.raises(TypeError, match="y must be an array, got None"):
+        local_experts_log_likelihood(x, None, p)
+    with pytest.raises(TypeError, match="init_params must be a LocalExpertsParams or LinearLocalExpertsParams, got NoneType"):
+        fit_local_experts(x, y, None, learning_rate=0.1, steps=1)
+    with pytest.raises(ValueError, match="params.means contains NaN"):
+        local_experts_means(x, p._replace(means=np.full((N_EXPERTS, D_OUT), np.nan)))
+    with pytest.raises(ValueError, match="cotangent contains NaN"):
+        local_experts_predict_vjp(x, p, np.full((N, D_OUT), np.nan))

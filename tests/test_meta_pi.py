@@ -214,7 +214,7 @@ def test_bad_input_names_the_argument(rng):
         meta_pi(x, tuple(p))
     with pytest.raises(ValueError, match=r"cotangent has shape \(4, 3\) but \(4, 2\) was expected"):
         meta_pi_vjp(x, p, np.ones((4, 3)))
-    with pytest.raises(ValueError, match="cotangent must be 0-dimensional"):
+    with pytest.raises(ValueError, match=r"cotangent has shape \(4,\) but \(\) was expected \(the loss is a scalar\)"):
         meta_pi_loss_vjp(x, y, p, np.ones(4))
     with pytest.raises(ValueError, match="learning_rate must be a finite positive number"):
         fit_meta_pi(x, y, p, learning_rate=float("nan"), steps=3)
@@ -240,3 +240,18 @@ def test_float32_gradients_stay_float32(rng):
     x, y = rng.normal(size=(N, D_IN)).astype(np.float32), rng.normal(size=(N, D_OUT)).astype(np.float32)
     assert all(a.dtype == np.float32 for a in leaves(meta_pi_loss_vjp(x, y, p)))
     assert all(a.dtype == np.float32 for a in leaves(fit_meta_pi(x, y, p, learning_rate=0.1, steps=2)))
+
+
+def test_y_start_and_cotangent_are_named(rng):
+    x, y, p = rng.normal(size=(4, 2)), rng.normal(size=(4, 2)), _params(rng)
+    with pytest.raises(TypeError, match="y must be an array, got None"):
+        meta_pi_loss(x, None, p)
+    with pytest.raises(TypeError, match="init_params must be a MetaPiParams, got NoneType"):
+        fit_meta_pi(x, y, None, learning_rate=0.1, steps=1)
+    with pytest.raises(ValueError, match="cotangent contains NaN or infinite values"):
+        meta_pi_vjp(x, p, np.full((4, 2), np.nan))
+    with pytest.raises(TypeError, match="cotangent must have a real floating-point dtype"):
+        meta_pi_vjp(x, p, np.ones((4, 2), dtype=np.int64))
+    # a -inf gate bias switches an expert off, as in moeref.gates
+    off = p._replace(gate=p.gate._replace(bias=np.array([0.0, -np.inf, 0.0])))
+    assert np.isfinite(float(meta_pi_loss(x, y, off)))

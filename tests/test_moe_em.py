@@ -561,3 +561,27 @@ def test_bad_input_names_the_argument(rng):
         fit_moe_gradient(x, y, GATE, EXPERTS, init, learning_rate=0.1, target=float("nan"))
     with pytest.raises(ValueError, match=r"x has shape|params.weight has shape"):
         fit_moe(x[:, :1], y, GATE, EXPERTS, init)
+
+
+def test_bad_input_names_y_records_and_responsibilities(rng):
+    from moeref.gaussian_experts import LinearGaussianExperts, LinearGaussianExpertsParams
+    from moeref.moe_em import moe_m_step, moe_penalty
+
+    x, y = rng.normal(size=(8, 2)), rng.normal(size=(8, 1))
+    gate, experts = SoftmaxGate(), LinearGaussianExperts(covariance="isotropic")
+    p = MoEParams(SoftmaxGateParams(np.zeros((2, 2)), np.zeros(2)),
+                  LinearGaussianExpertsParams(rng.normal(size=(2, 2, 1)), rng.normal(size=(2, 1)), np.ones(2)))
+    with pytest.raises(ValueError, match="y contains NaN or infinite values"):
+        moe_log_likelihood(x, np.full_like(y, np.nan), gate, experts, p)
+    with pytest.raises(TypeError, match="y must be an array, got None"):
+        moe_log_likelihood(x, None, gate, experts, p)
+    with pytest.raises(TypeError, match="params.gate must be the 'softmax' family's parameter record"):
+        moe_log_likelihood(x, y, gate, experts, p._replace(gate=None))
+    with pytest.raises(TypeError, match="init.experts must be the .* family's parameter record"):
+        fit_moe(x, y, gate, experts, p._replace(experts=tuple(p.experts)))
+    with pytest.raises(ValueError, match="responsibilities contains NaN"):
+        moe_m_step(x, y, gate, experts, p, np.full((8, 2), np.nan))
+    with pytest.raises(ValueError, match=r"responsibilities has shape \(8, 3\) but \(8, 2\) was expected"):
+        moe_m_step(x, y, gate, experts, p, np.full((8, 3), 1 / 3))
+    with pytest.raises(ValueError, match="params.weight contains NaN"):
+        moe_penalty(SoftmaxGate(ridge=0.1), experts, p._replace(gate=SoftmaxGateParams(np.full((2, 2), np.nan), np.zeros(2))))

@@ -266,13 +266,13 @@ def test_bad_input_names_the_argument(rng):
     x, y, init = _co2()
     with pytest.raises(ValueError, match=r"y has shape \(27,\) but \(28,\) was expected \(x has N=28 rows\)"):
         fit_regression_mixture(x, y[:27], init)
-    with pytest.raises(ValueError, match=r"params.beta has shape \(3, 2\) but \(2, 2\) was expected"):
+    with pytest.raises(ValueError, match=r"init.beta has shape \(3, 2\) but \(2, 2\) was expected"):
         fit_regression_mixture(x, y, init._replace(beta=np.zeros((3, 2))))
-    with pytest.raises(ValueError, match=r"params.sigma has shape \(3,\) but \(2,\) was expected"):
+    with pytest.raises(ValueError, match=r"init.sigma has shape \(3,\) but \(2,\) was expected"):
         fit_regression_mixture(x, y, init._replace(sigma=np.ones(3)))
     with pytest.raises(ValueError, match="init.weights must sum to 1, got sum 1.25"):
         fit_regression_mixture(x, y, init._replace(weights=np.array([0.5, 0.75])))
-    with pytest.raises(ValueError, match="params.sigma must be positive"):
+    with pytest.raises(ValueError, match="init.sigma must be positive"):
         fit_regression_mixture(x, y, init._replace(sigma=np.array([2.0, -1.0])))
     with pytest.raises(ValueError, match="init.weights must be positive"):
         fit_regression_mixture(x, y, init._replace(weights=np.array([1.0, 0.0])))

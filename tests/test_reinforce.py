@@ -233,7 +233,7 @@ def test_bad_input(rng):
         sample_policy(logits, np.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="logits has a row of all -inf"):
         sample_policy(np.full((3, 4), -np.inf), np.array([0.1, 0.2, 0.3]))
-    with pytest.raises(ValueError, match=r"action must lie in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"action has values up to 4 .*entries must lie in \[0, 4\)"):
         reinforce_logits_gradient(logits, np.array([0, 4, 1]), np.array(1.0))
     with pytest.raises(TypeError, match="action must have an integer dtype"):
         reinforce_logits_gradient(logits, np.array([0.0, 1.0, 1.0]), np.array(1.0))
@@ -247,3 +247,18 @@ def test_bad_input(rng):
         policy_logits(rng.normal(size=(3, 3)), RouterParams(rng.normal(size=(2, 4))))
     with pytest.raises(ValueError, match="params.noise_weight and params.selection_bias are not used"):
         policy_logits(rng.normal(size=(3, 2)), RouterParams(rng.normal(size=(2, 4)), noise_weight=rng.normal(size=(2, 4))))
+
+
+def test_reward_cotangent_and_action_are_checked():
+    logits = np.log(np.array([[0.25, 0.75], [0.5, 0.5]]))
+    with pytest.raises(TypeError, match="reward must be an array, got None"):
+        reinforce_logits_gradient(logits, np.array([0, 1]), None)
+    with pytest.raises(ValueError, match=r"action has values up to 2 but logits has E=2 experts"):
+        reinforce_logits_gradient(logits, np.array([0, 2]), np.ones(2))
+    with pytest.raises(ValueError, match="cotangent contains NaN"):
+        expected_reward_vjp(logits, np.ones((2, 2)), np.array(np.nan))
+    with pytest.raises(ValueError, match=r"cotangent has shape \(1,\) but \(\) was expected"):
+        expected_reward_vjp(logits, np.ones((2, 2)), np.ones(1))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="different array libraries.*action"):
+        reinforce_logits_gradient(logits, torch.tensor([0, 1]), np.ones(2))

@@ -197,3 +197,15 @@ def test_bad_input(rng):
         upcycle(dense, E, RELU_FFN, np.full((d, E), np.nan))
     with pytest.raises(TypeError, match="dense must be a ExpertFFNParams"):
         upcycle(tuple(dense), E, RELU_FFN, draws)
+
+
+def test_vjp_checks_the_cotangent_record():
+    dense = ExpertFFNParams(w_in=np.ones((2, 3)), w_out=np.ones((3, 2)))
+    draws = np.zeros((2, 4))
+    ct = upcycle(dense, 4, RELU_FFN, draws)
+    with pytest.raises(ValueError, match=r"cotangent.experts.w_in contains NaN"):
+        upcycle_vjp(dense, 4, RELU_FFN, draws, ct._replace(experts=ct.experts._replace(w_in=np.full((4, 2, 3), np.nan))))
+    with pytest.raises(TypeError, match="cotangent.router must be a RouterParams"):
+        upcycle_vjp(dense, 4, RELU_FFN, draws, ct._replace(router=None))
+    with pytest.raises(ValueError, match=r"dense.w_in has shape \(2, 3\) but dense.w_out has shape \(1, 3, 2\)"):
+        upcycle(dense._replace(w_out=np.ones((1, 3, 2))), 4, RELU_FFN, draws)
