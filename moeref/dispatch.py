@@ -38,7 +38,7 @@ from .expert_ffn import (
     batched_expert_ffn,
     check_expert_ffn_params,
 )
-from .routes import Routes
+from .routes import Routes, check_routes
 from .validation import (
     check_arrays,
     check_choice,
@@ -105,7 +105,7 @@ class DenseDispatch(NamedTuple):
 
 def _check_routes(routes: Any, T: int | None, xp: Any) -> tuple[int, int]:
     """Types and shapes of a Routes record for ``T`` tokens; returns ``(T, k)``."""
-    check_record_type(routes, "routes", Routes)
+    check_routes(routes)
     e = routes.expert_index
     if e.ndim != 2:
         raise ValueError(f"routes.expert_index must be 2-dimensional (T, k), got shape {tuple(e.shape)}")
@@ -492,7 +492,7 @@ def dense_dispatch_tensors(routes: Routes, num_experts: int, capacity: int) -> D
     >>> dense_dispatch_tensors(r, 2, 2).combine.tolist()
     [[[0.0, 0.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 0.25]]]
     """
-    xp = array_namespace(*routes, names=tuple(f"routes.{f}" for f in Routes._fields))
+    xp = check_routes(routes)
     T, k = _check_routes(routes, None, xp)
     E = check_positive_int(num_experts, "num_experts")
     C = check_positive_int(capacity, "capacity")

@@ -62,6 +62,7 @@ from .core import device_of, normal_cdf, normal_logpdf, sigmoid
 from .validation import (
     check_arrays,
     check_choice,
+    check_cotangent,
     check_finite,
     check_float_array,
     check_positive_float,
@@ -702,7 +703,7 @@ def expert_ffn_vjp(x: Any, params: ExpertFFNParams, ffn: ExpertFFN, cotangent: A
         ``expert``; ``None`` where the parameter is ``None``).
     """
     xp, E = _check_block(x, params, ffn, expert, 2)
-    check_shape(cotangent, "cotangent", tuple(x.shape))
+    check_cotangent(cotangent, tuple(x.shape), x, what="shape like x", like_name="x")
     p = _expert_slice(params, expert)
     _, cache = _ffn_forward(x, p, ffn, xp)
     x_bar, g = _ffn_backward(x, p, ffn, cache, cotangent, xp)
@@ -772,7 +773,7 @@ def batched_expert_ffn_vjp(x: Any, params: ExpertFFNParams, ffn: ExpertFFN, cota
     """
     xp, E = _check_block(x, params, ffn, None, 3)
     check_shape(x, "x", (E, None, None), what=f"one (C, d) slice per expert, E={E}")
-    check_shape(cotangent, "cotangent", tuple(x.shape))
+    check_cotangent(cotangent, tuple(x.shape), x, what="shape like x", like_name="x")
     p = _batched_view(params)
     _, cache = _ffn_forward(x, p, ffn, xp)
     x_bar, g = _ffn_backward(x, p, ffn, cache, cotangent, xp)

@@ -466,28 +466,7 @@ def issue(key: str, owner: str, summary: str, repro: str, *where: tuple) -> None
 # Known defects in modules this file does not own (each: owner, summary, minimal reproduction)
 # --------------------------------------------------------------------------------------------
 
-ALL_VJPS = ("*_vjp*",)
-COTANGENT_BAD = ("cotangent*:int", "cotangent*:bool", "cotangent*:float32", "cotangent*:nan", "cotangent*:inf",
-                 "cotangent*:torch", "cotangent*:list", "weight:float32")
-
-issue("cotangent-unchecked", "expert_ffn (every other VJP calls validation.check_cotangent now)",
-      "VJPs check only the cotangent's shape: an int / bool / float32 / NaN / inf cotangent is accepted (NaN gradients, "
-      "or a silent dtype promotion), a list is taken as a float (scalar losses), and a torch cotangent among NumPy inputs "
-      "fails inside NumPy. Fix: one line per VJP, validation.check_cotangent(cotangent, shape, like=x) (added for this).",
-      "mixture_vjp(gates, outs, np.full((N, d_out), np.nan)) returns NaN gradients; "
-      "mixture_vjp(gates, outs, torch.ones(N, d_out)) -> TypeError: unsupported operand type(s) for *",
-      *[(e, COTANGENT_BAD) for e in ALL_VJPS])
-issue("routes-fields-unchecked", "dispatch",
-      "A Routes record with a None field fails inside (AttributeError) instead of naming the field.",
-      "dispatch_combine(x, routes._replace(kept=None), experts, RELU_FFN) -> AttributeError: 'NoneType' object has no "
-      "attribute 'dtype'",
-      ("dispatch.*", ("routes.*:none",)))
-issue("none-unnamed", "dispatch",
-      "dense_dispatch_tensors(routes=None) unpacks the record before checking it (core.array_namespace now names a "
-      "None argument, and every other module's required arrays go through validation.check_array).",
-      "dense_dispatch_tensors(None, E, C) -> TypeError: moeref.core.array_namespace() argument after * must be an "
-      "iterable, not NoneType",
-      ("dispatch.dense_dispatch_tensors", ("routes:none",)))
+# (none left: every known issue found by the catalogue has been fixed)
 
 #: Judgements shared by every entry (fnmatch over mutation ids).
 GLOBAL_VALID: dict = {
