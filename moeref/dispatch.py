@@ -407,7 +407,6 @@ def dispatch_combine_vjp(
     check_arrays({"x": x, "cotangent": cotangent}, finite=False)
     if check_finite:
         _check_finite_by_sum({"cotangent": cotangent}, xp)
-    d = x.shape[1]
     plan = _plan(routes, E, xp)
     x_blocks, w_blocks = [], []
     per_expert: list[ExpertFFNParams | None] = [None] * E

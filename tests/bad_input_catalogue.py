@@ -1117,7 +1117,7 @@ def _register_presets() -> None:
 
 
 def _register_stable_extras() -> None:
-    """Modules outside the required list that no other helper is editing now."""
+    """Modules outside the required list (special functions, EM helpers, gates)."""
     from moeref.softmax_gate import SoftmaxGate  # noqa: F401  (import check)
 
     pos = {"x:ndim*": ANY_SHAPE, "x:size*": ANY_SHAPE}
