@@ -12,6 +12,10 @@ in float32 and float64, with the BLAS (and torch) thread pools limited to 2 and 
 * ``gemm_fwd``: the GEMM bound of the forward: only the unavoidable expert matmuls, for each expert
   its exact token count (from the layer's own routing), operands gathered beforehand into contiguous
   arrays, outputs preallocated (``out=``): ``x_e @ w_in_e`` and ``z_e @ w_out_e``, 6 T k d I FLOPs.
+* ``swiglu_floor``: ``gemm_fwd`` plus SwiGLU's elementwise work done NumPy's cheapest way (in place,
+  into preallocated buffers, 5 passes): the floor of any NumPy implementation of these experts before
+  it gathers or combines a token; ratio to ``gemm_fwd``. NumPy runs elementwise work on one core, so
+  at 2 threads this floor shows how much of the gap to the bound is out of reach without threads.
 * ``gemm_fwd_bwd``: the same plus the backward matmuls (``dz = dy w_out^T``, ``dw_out = z^T dy``,
   ``dw_in = x^T dh``, ``dx = dh w_in^T``): 18 T k d I FLOPs.
 * ``layer``: ``sparse_moe_layer`` on NumPy (router, capacity, dispatch, combine, auxiliary losses),
@@ -80,7 +84,7 @@ QUICK = {
     "B": Workload("B", 512, 128, 64, 64, 8),
     "C": Workload("C", 2048, 256, 128, 32, 4),
 }
-REFERENCE = {"layer": "gemm_fwd", "dispatch": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd", "layer_torch": "hf_mixtral"}
+REFERENCE = {"layer": "gemm_fwd", "dispatch": "gemm_fwd", "swiglu_floor": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd", "layer_torch": "hf_mixtral"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,12 +123,29 @@ class GemmBound:
         self.dw_out = [np.empty((w.I, w.d), dtype) for _ in n]
         self.dz = [np.empty((c, w.I), dtype) for c in n]
         self.dx = [np.empty((c, w.d), dtype) for c in n]
+        self.t = [np.empty((c, w.I), dtype) for c in n]  # SwiGLU workspace (swiglu_floor)
+        self.I = w.I
         self.active = [e for e in range(w.E) if n[e] > 0]
 
     def forward(self) -> None:
         for e in self.active:
             np.matmul(self.x[e], self.w_in[e], out=self.h[e])
             np.matmul(self.z[e], self.w_out[e], out=self.y[e])
+
+    def swiglu_floor(self) -> None:
+        """The bound plus SwiGLU's elementwise work in NumPy's fewest passes (in place, into
+        preallocated buffers: ``t = 1 + exp(-g)``, ``z = g u / t``): what any NumPy implementation of
+        this FFN costs before it gathers or combines a single token."""
+        for e in self.active:
+            h, z, t = self.h[e], self.z[e], self.t[e]
+            np.matmul(self.x[e], self.w_in[e], out=h)
+            g, u = h[:, : self.I], h[:, self.I :]
+            np.negative(g, out=t)
+            np.exp(t, out=t)
+            t += 1.0
+            np.multiply(g, u, out=z)
+            z /= t
+            np.matmul(z, self.w_out[e], out=self.y[e])
 
     def forward_backward(self) -> None:
         self.forward()
@@ -200,7 +221,7 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace) -> dict:
         "tokens_per_expert": {"min": int(counts.min()), "max": int(counts.max()), "mean": float(counts.mean())},
         "dispatch_equals_layer": bool(np.array_equal(y_dispatch, out.y)),
     }
-    cands = {"gemm_fwd": bound.forward, "layer": lambda: sparse_moe_layer(x, params, options), "dispatch": lambda: dispatch_combine(x, routes, params.experts, ffn)}
+    cands = {"gemm_fwd": bound.forward, "swiglu_floor": bound.swiglu_floor, "layer": lambda: sparse_moe_layer(x, params, options), "dispatch": lambda: dispatch_combine(x, routes, params.experts, ffn)}
     if not args.no_vjp:
         cands.update(
             gemm_fwd_bwd=bound.forward_backward,

@@ -220,6 +220,7 @@ def _named(params: SharedExpertParams, name: str) -> dict[str, Any]:
 def _check(x: Any, routed_y: Any, params: Any, options: Any) -> Any:
     check_record_type(options, "options", SharedExpertOptions)
     check_record_type(params, "params", SharedExpertParams)
+    check_record_type(params.ffn, "params.ffn", ExpertFFNParams)  # before its fields are read
     xp = check_arrays({"x": x, "routed_y": routed_y, **_named(params, "params")})
     check_float_array(x, "x", ndim=2)
     check_shape(routed_y, "routed_y", tuple(x.shape), what="the routed output, like x (T, d)")

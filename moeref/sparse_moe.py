@@ -63,7 +63,7 @@ from .aux_losses import (
 from .capacity import CapacityDraws, CapacityOptions, apply_capacity
 from .core import device_of, _take_along_axis
 from .dispatch import dispatch_combine, dispatch_combine_vjp
-from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, check_expert_ffn_params
+from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, _named_params, check_expert_ffn_params
 from .router import (
     _check_cotangent_of,
     _check_loss_cotangent,
@@ -79,7 +79,7 @@ from .router import (
 from .routes import Routes
 from .shared_experts import SharedExpertOptions, SharedExpertOutput, SharedExpertParams, check_shared_expert_params
 from .shared_experts import _combine as _combine_shared, _named as _shared_named, _vjp as _shared_vjp
-from .validation import check_arrays, check_choice, check_float_array, check_record_type, check_shape
+from .validation import check_arrays, check_choice, check_finite, check_float_array, check_record_type, check_shape
 
 __all__ = [
     "SparseMoEParams",
@@ -395,7 +395,8 @@ def _check(x: Any, params: Any, options: Any, draws: Any) -> tuple[Any, SparseMo
     check_record_type(params.experts, "params.experts", ExpertFFNParams)
     draws = SparseMoEDraws() if draws is None else draws
     check_record_type(draws, "draws", SparseMoEDraws)
-    named = {"x": x, "params.router.weight": params.router.weight, "params.experts.w_in": params.experts.w_in}
+    # every expert weight is checked here, once: dispatch_combine is then called with check_finite=False
+    named = {"x": x, "params.router.weight": params.router.weight, **_named_params(params.experts, "params.experts")}
     if (options.shared is None) != (params.shared is None):
         raise ValueError(
             "params.shared must be given exactly when options.shared is set "
@@ -513,7 +514,8 @@ def sparse_moe_layer(
     xp, draws = _check(x, params, options, draws)
     f = _forward(x, params, options, draws)
     r = f.router_out
-    routed = dispatch_combine(r.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to)  # (T, d)
+    routed = dispatch_combine(r.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to,
+                              check_finite=False)  # (T, d)
     y, shared = routed, None
     if options.shared is not None:
         shared = _combine_shared(x, routed, params.shared, options.shared, xp)
@@ -682,12 +684,14 @@ def sparse_moe_layer_vjp(
     ct_routed, x_bar, shared_grads = cotangent_y, None, None
     if options.shared is not None:
         if routed_y is None and options.shared.kind in ("residual_softmax", "nllb_cmr"):  # a_t depends on x
-            routed_y = dispatch_combine(r.expert_input, routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to)
+            routed_y = dispatch_combine(r.expert_input, routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to,
+                                        check_finite=False)
         sg = _shared_vjp(x, routed_y, params.shared, options.shared, cotangent_y, aux_cotangents.shared_budget, xp)
         ct_routed, x_bar, shared_grads = sg.routed_y, sg.x, sg.params
 
     # 1. dispatch and combine
-    dg = dispatch_combine_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed, apply_weight_to=options.apply_weight_to)
+    dg = dispatch_combine_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed, apply_weight_to=options.apply_weight_to,
+                              check_finite=False)
     x_exp = dg.x  # (T, d)
     if options.router.jitter_experts and rdraws.jitter is not None:
         x_exp = x_exp * rdraws.jitter
@@ -763,6 +767,9 @@ def _forward_state(x: Any, params: SparseMoEParams, options: SparseMoEOptions, d
     T, k = x.shape[0], options.router.k
     check_shape(output.routes.expert_index, "output.routes.expert_index", (T, k), what=f"T={T} tokens, options.router.k={k}")
     check_shape(output.routes.kept, "output.routes.kept", (T, k), what=f"T={T} tokens, options.router.k={k}")
+    # the dispatch VJP runs without its own finiteness check: the arrays it reads from `output` are checked here
+    check_finite(output.routes.weight, "output.routes.weight")
+    check_finite(output.router.expert_input, "output.router.expert_input")
     return output.router, output.routes, output.routed_y
 
 

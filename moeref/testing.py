@@ -19,11 +19,15 @@ def test_my_block(case):
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .validation import check_positive_int
 from .vectors._errors import VectorsError, closest
 from .vectors.compare import TIE_THRESHOLDS, Tolerance, _as_host, compare, dtype_name, tolerance_for, top_gaps
 from .vectors.io import load_entry_tensors, read_manifest
@@ -99,6 +103,39 @@ class Case:
         return jnp.asarray(self[name], dtype=dtype)
 
 
+def _check_folder(folder: Any) -> Path:
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike) of a vectors folder, got {type(folder).__name__} {folder!r}")
+    return Path(folder)
+
+
+def _check_str(value: Any, name: str, *, optional: bool = False) -> None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise TypeError(f"{name} must be a str{' or None' if optional else ''}, got {type(value).__name__} {value!r}")
+
+
+def _host(a: Any, name: str) -> np.ndarray:
+    """``a`` as a NumPy array of numbers (`_as_host`), or a TypeError naming the argument."""
+    out = _as_host(a)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must be an array of numbers (NumPy, torch, JAX, CuPy), got {type(a).__name__} {a!r:.80}")
+    return out
+
+
+def _int_host(a: Any, name: str) -> np.ndarray:
+    out = _host(a, name)
+    if out.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer expert indices, got dtype {out.dtype}")
+    return out.astype(np.int64)
+
+
+def _check_tolerance(value: Any, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+
+
 def _select(entries: Sequence[dict], pattern: str | None) -> list[dict]:
     if pattern is None:
         return list(entries)
@@ -120,17 +157,27 @@ def load_cases(folder: str | Path = "moeref-vectors", pattern: str | None = None
     ------
     VectorsError
         Missing or invalid folder, a file that does not match its checksum, no match.
+    TypeError
+        ``folder`` is not a path, ``pattern`` is not a str.
     """
-    folder = Path(folder)
+    folder = _check_folder(folder)
+    _check_str(pattern, "pattern", optional=True)
     entries = read_manifest(folder)["cases"]
     chosen = _select(entries, pattern)
     if not chosen:
-        raise VectorsError(f"no case of {folder} matches {pattern!r}{closest(pattern or '', [e['name'] for e in entries])}")
+        raise VectorsError(f"no case of {folder} matches pattern={pattern!r}{closest(pattern or '', [e['name'] for e in entries])}")
     return [Case(e, load_entry_tensors(folder, e)) for e in chosen]
 
 
 def load_case(folder: str | Path = "moeref-vectors", name: str | None = None) -> Case:
     """The one case of ``folder`` called ``name`` (or whose name contains it, if that is unique).
+
+    Raises
+    ------
+    VectorsError
+        As [`load_cases`][moeref.testing.load_cases]; also several matching cases.
+    TypeError
+        ``folder`` is not a path, ``name`` is not a str.
 
     Examples
     --------
@@ -139,21 +186,24 @@ def load_case(folder: str | Path = "moeref-vectors", name: str | None = None) ->
     >>> case["inputs/x"].shape, case.sizes["k"]  # doctest: +SKIP
     ((7, 5), 2)
     """
-    folder = Path(folder)
+    folder = _check_folder(folder)
+    _check_str(name, "name", optional=True)
     entries = read_manifest(folder)["cases"]
     chosen = _select(entries, name)
     if len(chosen) != 1:
         names = [e["name"] for e in chosen] or [e["name"] for e in entries]
         what = "no case" if not chosen else f"{len(chosen)} cases"
-        raise VectorsError(f"{what} of {folder} match {name!r}{closest(name or '', names) if not chosen else ''}; "
+        raise VectorsError(f"{what} of {folder} match name={name!r}{closest(name or '', names) if not chosen else ''}; "
                            f"for example: {', '.join(names[:4])}")
     return Case(chosen[0], load_entry_tensors(folder, chosen[0]))
 
 
 def _expected(expected: Any, name: str) -> tuple[np.ndarray, str | None]:
     if isinstance(expected, Case):
+        if name not in expected:
+            raise ValueError(f"name={name!r} is not a tensor of case {expected.name}{closest(name, expected.tensors)}")
         return expected[name], expected.dtype
-    return np.asarray(_as_host(expected)), None
+    return _host(expected, "expected"), None
 
 
 def assert_moe_close(
@@ -183,19 +233,36 @@ def assert_moe_close(
     Raises
     ------
     AssertionError
-        With the worst entry, the errors and the tolerance.
+        With the worst entry, the errors and the tolerance (also for a shape that differs).
+    TypeError, ValueError
+        ``actual`` or ``expected`` is not an array of numbers, ``name`` is not a tensor of the
+        case, ``rtol`` / ``atol`` is negative or not finite, ``dtype`` has no default tolerance.
 
     Examples
     --------
     >>> import numpy as np
     >>> assert_moe_close(np.float32([1.0, 2.0]), np.array([1.0, 2.0000001]))
     """
+    _check_str(name, "name")
+    _check_tolerance(rtol, "rtol")
+    _check_tolerance(atol, "atol")
     ref, case_dtype = _expected(expected, name)
-    got = _as_host(actual)
+    got = _host(actual, "actual")
     dt = dtype if dtype is not None else (case_dtype or got.dtype)
     result = compare({name: got}, {name: ref}, dtype=dtype_name(dt), rtol=rtol, atol=atol)
     if not result.ok:
         raise AssertionError(f"{name} differs from the moeref reference:\n{result.report()}")
+
+
+def _scores(scores: Any, T: int) -> np.ndarray:
+    v = _host(scores, "scores")
+    if v.dtype.kind not in "f":
+        raise TypeError(f"scores must be a floating-point array of selection values, got dtype {v.dtype}")
+    if np.any(np.isnan(v)):
+        raise ValueError("scores contains NaN (a selection value must be a number; -inf marks a masked expert)")
+    if v.ndim != 2 or v.shape[0] != T:
+        raise ValueError(f"scores must have shape (T, E) with T={T} tokens like expected, got {v.shape}")
+    return v
 
 
 def assert_routing_equal(
@@ -235,7 +302,12 @@ def assert_routing_equal(
     Raises
     ------
     AssertionError
-        Listing the first mismatching tokens with their top-$(k+1)$ scores and margins.
+        Listing the first mismatching tokens with their top-$(k+1)$ scores and margins; or the two
+        shapes, when they differ.
+    TypeError, ValueError
+        ``actual`` or ``expected`` does not hold integers, ``scores`` is not a float array of
+        shape (T, E) or contains NaN, ``k`` or ``max_report`` is not a positive int, ``dtype`` has
+        no tie threshold.
 
     Examples
     --------
@@ -247,18 +319,25 @@ def assert_routing_equal(
         scores = expected["outputs/selection_scores"] if scores is None and "outputs/selection_scores" in expected else scores
         dtype = dtype or expected.dtype
         expected = expected["outputs/routes/expert_index"]
-    got, ref = _as_host(actual).astype(np.int64), _as_host(expected).astype(np.int64)
+    got, ref = _int_host(actual, "actual"), _int_host(expected, "expected")
     if got.shape != ref.shape:
-        raise AssertionError(f"expert indices have shape {got.shape}, expected {ref.shape} (T, k)")
+        raise AssertionError(f"expert indices: actual has shape {got.shape} but expected has shape {ref.shape} (T, k)")
+    if got.ndim != 2:
+        raise ValueError(f"actual and expected must have shape (T, k), got {got.ndim} dimensions {got.shape}")
     if not ordered:
         got, ref = np.sort(got, axis=1), np.sort(ref, axis=1)
-    k = ref.shape[1] if k is None else k
+    k = ref.shape[1] if k is None else check_positive_int(k, "k")
+    check_positive_int(max_report, "max_report")
+    dt = dtype_name(dtype or "float32")
+    if dt not in TIE_THRESHOLDS:
+        raise ValueError(f"dtype {dt!r} has no tie threshold; known: {', '.join(TIE_THRESHOLDS)}")
     wrong = np.any(got != ref, axis=1)  # (T,)
     tie = np.zeros_like(wrong)
-    threshold = TIE_THRESHOLDS[dtype_name(dtype or "float32")]
+    threshold = TIE_THRESHOLDS[dt]
     gaps = None
     if scores is not None:
-        gaps = top_gaps(_as_host(scores), k)
+        scores = _scores(scores, ref.shape[0])
+        gaps = top_gaps(scores, k)
         tie = gaps < threshold
     bad = np.flatnonzero(wrong & ~tie)
     if bad.size:
@@ -266,7 +345,7 @@ def assert_routing_equal(
         for t in bad[:max_report]:
             line = f"token {int(t)}: expected experts {ref[t].tolist()}, got {got[t].tolist()}"
             if scores is not None:
-                v = _as_host(scores)[t].astype(np.float64)
+                v = scores[t].astype(np.float64)
                 top = np.argsort(-v, kind="stable")[: k + 1]
                 line += f"; top-{k + 1} scores {{{', '.join(f'{int(e)}: {v[e]:.6g}' for e in top)}}}, margin {gaps[t]:.2g}"
             lines.append(line)

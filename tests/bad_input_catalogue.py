@@ -263,6 +263,7 @@ class Entry:
     extra: dict = dataclasses.field(default_factory=dict)
     skip: dict = dataclasses.field(default_factory=dict)  # patterns not generated -> why
     call: Callable | None = None  # calls the function with the good-call dict (default: by signature)
+    errors: tuple = ()  # further documented exception types, judged like ValueError (AssertionError of an assert_*)
 
     @property
     def fn(self) -> Callable:
@@ -354,7 +355,7 @@ def run_mutation(entry: Entry, m: Mutation) -> tuple[Verdict, Any]:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             result = entry(m.build())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, *entry.errors) as exc:
         outcome = _judge_error(exc, m)
         return Verdict(entry.qualname, m.id, outcome, f"{type(exc).__name__}: {exc}"), None
     except Exception as exc:  # noqa: BLE001 - every other exception is a finding
@@ -1295,6 +1296,92 @@ def _register_finished() -> None:
         NOT_APPLICABLE[f"em.{name}"] = "drivers over caller callables (exercised through every fit_* entry)"
 
 
+SHARED_KINDS = {  # kind -> (gate width, gate bias?, budget): one entry per system family
+    "add": (0, False, None),  # DeepSeek-V2 / V3
+    "sigmoid_gate": (1, False, None),  # Qwen2-MoE: a bias-free gate
+    "residual_softmax": (2, True, None),  # DeepSpeed Residual MoE
+    "nllb_cmr": (1, True, 0.3),  # NLLB-200 CMR with its budget loss
+}
+VECTORS_CASE = "sparse_moe.mixtral.T1-d4-I6-E8.float64"  # the smallest sparse-layer case
+_VECTORS: list = []  # [folder]: generated once per process, in a temporary directory
+
+
+def vectors_folder() -> str:
+    """A vectors folder holding `VECTORS_CASE` only (written on first use, removed at exit)."""
+    if not _VECTORS:
+        import atexit
+        import shutil
+        import tempfile
+
+        from moeref.vectors.generate import generate
+
+        folder = tempfile.mkdtemp(prefix="moeref-catalogue-vectors-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        generate(folder, only=[VECTORS_CASE])
+        _VECTORS.append(folder)
+    return _VECTORS[0]
+
+
+MISMATCH = Expected("a mismatch is reported as AssertionError, the function's purpose")
+ARRAY_LIKE = "array-likes are read through np.asarray, torch tensors are documented: equal values pass"
+EQUAL_WITHIN = "float32 rounding is within the tolerance: the comparison passes, its purpose"
+
+
+def _register_routes_shared_testing() -> None:
+    """The Routes record check, the shared experts and the test-suite helpers of moeref.testing."""
+    from moeref.expert_ffn import RELU_FFN
+    from moeref.shared_experts import SharedExpertOptions, SharedExpertParams
+
+    register("routes.check_routes", lambda: {"routes": _routes(), "name": "routes"}, skip=META,
+             valid={f"routes.*:{m}": "only 'every field is an array of one library' is checked (documented: shapes and dtypes are the caller's)"
+                    for m in ("ndim*", "size*", "int", "float", "bool", "float32", "nan", "inf", "too_large", "negative")})
+
+    x = lambda: _tokens(60)  # noqa: E731
+    routed = lambda: _rng(61).normal(size=(T, D_MODEL))  # noqa: E731
+    for kind, (width, bias, budget) in SHARED_KINDS.items():
+        opts = SharedExpertOptions(kind, RELU_FFN, budget=budget, budget_loss_coef=0.0 if budget is None else 0.1)
+
+        def params(width=width, bias=bias):
+            r = _rng(62)
+            return SharedExpertParams(_ffn_params(63, e=2), r.normal(size=(D_MODEL, width)) if width else None,
+                                      r.normal(size=(width,)) if bias else None)
+
+        good = lambda p=params, o=opts: {"x": x(), "routed_y": routed(), "params": p(), "options": o}  # noqa: E731
+        register(f"shared_experts.combine_shared_experts[{kind}]", good, valid=FREE_T | {"routed_y:size0+1": "checked against x (either may be named)"})
+        vjp = lambda g=good: {**g(), "cotangent": _rng(64).normal(size=(T, D_MODEL)), "budget_cotangent": 0.5}  # noqa: E731
+        register(f"shared_experts.combine_shared_experts_vjp[{kind}]", vjp, valid={"budget_cotangent:-1": "any finite real cotangent"})
+
+    register("testing.load_case", lambda: {"folder": vectors_folder(), "name": VECTORS_CASE})
+    register("testing.load_cases", lambda: {"folder": vectors_folder(), "pattern": "mixtral"})
+
+    def case():
+        from moeref.testing import load_case
+
+        return load_case(vectors_folder(), VECTORS_CASE)
+
+    def arrays(*names):
+        c = case()
+        return [c[n].copy() for n in names]
+
+    close = {"*:ndim*": MISMATCH, "*:size*": MISMATCH, "*:int": MISMATCH, "*:bool": MISMATCH, "*:nan": MISMATCH, "*:inf": MISMATCH,
+             "*:list": ARRAY_LIKE, "*:torch": ARRAY_LIKE, "*:float32": EQUAL_WITHIN}
+    register("testing.assert_moe_close", lambda: {"actual": case()["outputs/y"], "expected": case(), "name": "outputs/y"},
+             valid=close, errors=(AssertionError,))
+    register("testing.assert_moe_close[array]",
+             lambda: dict(zip(("actual", "expected"), arrays("outputs/y", "outputs/y"))) | {"rtol": 1e-6, "atol": 1e-9, "dtype": "float64"},
+             valid=close, errors=(AssertionError,))
+    routing = {"*:too_large": MISMATCH, "*:negative": MISMATCH, "*:list": ARRAY_LIKE, "*:torch": ARRAY_LIKE,
+               "scores:inf": "an infinite score is a value (-inf marks a masked expert); every token matches",
+               "scores:size1+1": "E is free (the scores only measure near ties)"}
+    register("testing.assert_routing_equal", lambda: {"actual": case()["outputs/routes/expert_index"], "expected": case()},
+             valid=routing, errors=(AssertionError,))
+    register("testing.assert_routing_equal[array]",
+             lambda: dict(zip(("actual", "expected", "scores"),
+                              arrays("outputs/routes/expert_index", "outputs/routes/expert_index", "outputs/selection_scores")))
+             | {"k": 2, "dtype": "float64", "max_report": 3},
+             valid=routing, errors=(AssertionError,))
+
+
 def with_ones(x: np.ndarray) -> np.ndarray:
     return np.column_stack([x, np.ones(len(x))])
 
@@ -1311,6 +1398,7 @@ def register_all() -> None:
     _register_presets()
     _register_stable_extras()
     _register_finished()
+    _register_routes_shared_testing()
 
 
 def core_softmax(x: np.ndarray) -> np.ndarray:

@@ -150,7 +150,7 @@ def test_bad_input(rng):
         AuctionOptions(scaling=1.0)
     with pytest.raises(ValueError, match="options.epsilon must be a finite positive number or None, got -1"):
         AuctionOptions(epsilon=-1)
-    with pytest.raises(TypeError, match="options must be a AuctionOptions"):
+    with pytest.raises(TypeError, match="options must be an AuctionOptions"):
         balanced_assignment(a[:8], options={"epsilon": 0.1})
     with pytest.raises(RuntimeError, match="options.max_rounds=2 rounds without finishing"):
         balanced_assignment(rng.normal(size=(16, 4)), AuctionOptions(max_rounds=2))

@@ -333,9 +333,9 @@ def test_bad_params_and_inputs(rng):
         expert_ffn(x.astype(np.float32), p, SWIGLU, expert=0)
     with pytest.raises(ValueError, match="x contains NaN or infinite values"):
         expert_ffn(np.full((1, 4), np.nan), p, SWIGLU, expert=0)
-    with pytest.raises(TypeError, match="ffn must be a ExpertFFN"):
+    with pytest.raises(TypeError, match="ffn must be an ExpertFFN"):
         expert_ffn(x, p, "swiglu", expert=0)
-    with pytest.raises(TypeError, match="params must be a ExpertFFNParams"):
+    with pytest.raises(TypeError, match="params must be an ExpertFFNParams"):
         expert_ffn(x, tuple(p), SWIGLU, expert=0)
     with pytest.raises(ValueError, match=r"x has shape \(3, 5, 4\) but \(2, \*, \*\) was expected"):
         batched_expert_ffn(rng.normal(size=(3, 5, 4)), p, SWIGLU)

@@ -261,6 +261,10 @@ def test_bad_input_names_the_argument(rng):
         combine_shared_experts(x, r[:5], p, opts)
     with pytest.raises(ValueError, match="params.ffn.w_in"):
         combine_shared_experts(x, r, p, SharedExpertOptions("residual_softmax", SWIGLU))
+    with pytest.raises(TypeError, match="params.ffn must be an? ExpertFFNParams, got NoneType"):
+        combine_shared_experts(x, r, p._replace(ffn=None), opts)
+    with pytest.raises(TypeError, match="params.ffn must be an? ExpertFFNParams, got tuple"):
+        combine_shared_experts_vjp(x, r, p._replace(ffn=tuple(p.ffn)), opts, np.ones((T, D)))
     with pytest.raises(ValueError, match="shared.kind must be one of"):
         SharedExpertOptions("gated")
     with pytest.raises(ValueError, match="needs kind='nllb_cmr'"):

@@ -91,3 +91,39 @@ def test_assert_routing_equal_is_tie_aware(folder):
         assert_routing_equal(np.array([[1], [0]]), np.array([[0], [0]]), scores=scores, dtype="float64")
     with pytest.raises(AssertionError, match="shape"):
         assert_routing_equal(index[:, :1], case)
+
+
+def test_bad_arguments_name_the_argument(folder):
+    case = load_case(folder, NAME)
+    y, index = case["outputs/y"], case["outputs/routes/expert_index"]
+    with pytest.raises(TypeError, match="folder must be a path"):
+        load_case(None, NAME)
+    with pytest.raises(TypeError, match="folder must be a path"):
+        load_cases(None)
+    with pytest.raises(VectorsError, match="no case of .* match name='nope'"):
+        load_case(folder, "nope")
+    with pytest.raises(VectorsError, match="matches pattern='nope'"):
+        load_cases(folder, "nope")
+    with pytest.raises(TypeError, match="actual must be an array of numbers"):
+        assert_moe_close(None, case)
+    with pytest.raises(ValueError, match="name='outputs/yy' is not a tensor of case .*did you mean 'outputs/y'"):
+        assert_moe_close(y, case, name="outputs/yy")
+    with pytest.raises(ValueError, match="rtol must be None or a finite number >= 0, got -1"):
+        assert_moe_close(y, case, rtol=-1.0)  # a negative rtol would fail equal arrays
+    with pytest.raises(TypeError, match="expected must hold integer expert indices, got dtype float64"):
+        assert_routing_equal(index, index.astype(np.float64))
+    with pytest.raises(TypeError, match="actual must be an array of numbers"):
+        assert_routing_equal(None, case)
+    scores = case["outputs/selection_scores"]
+    with pytest.raises(ValueError, match=r"scores must have shape \(T, E\) with T=7"):
+        assert_routing_equal(index, index, scores=scores[:3])
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        assert_routing_equal(index, index, scores=np.where(scores > 0, np.nan, scores))
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        assert_routing_equal(index, index, scores=scores, k=0)
+    with pytest.raises(ValueError, match="max_report must be at least 1"):
+        assert_routing_equal(index, index, max_report=-1)
+    with pytest.raises(ValueError, match="dtype 'float8' has no tie threshold"):
+        assert_routing_equal(index, index, dtype="float8")
+    with pytest.raises(AssertionError, match=r"actual has shape \(7, 1\) but expected has shape \(7, 2\)"):
+        assert_routing_equal(index[:, :1], index)

@@ -195,7 +195,7 @@ def test_bad_input(rng):
         RouterInit(std=-1.0)
     with pytest.raises(ValueError, match="router_draws contains NaN"):
         upcycle(dense, E, RELU_FFN, np.full((d, E), np.nan))
-    with pytest.raises(TypeError, match="dense must be a ExpertFFNParams"):
+    with pytest.raises(TypeError, match="dense must be an ExpertFFNParams"):
         upcycle(tuple(dense), E, RELU_FFN, draws)
 
 
