@@ -111,7 +111,9 @@ def vectors(out: str | None, only: tuple[str, ...], force: bool) -> None:
 
     One safetensors file per case (inputs, parameters, random draws, every output, the VJP for a
     stated cotangent) and a manifest.json (options, shapes, dtypes, seeds, tolerances, SHA-256).
-    Deterministic, atomic and resumable: rerun to complete an interrupted folder.
+    Deterministic and all-or-nothing: the run builds the folder as .NAME.partial beside it and
+    swaps it in when complete, so an interrupted run leaves the folder as it was; run the same
+    command again to finish. Cases already in the folder and not selected by --only are kept.
     """
     from rich.table import Table
 
@@ -130,6 +132,9 @@ def vectors(out: str | None, only: tuple[str, ...], force: bool) -> None:
             result = generate(folder, only=only, force=force, on_case=on_case)
     except VectorsError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {folder} is unchanged; run the same command again to finish", err=True)
+        sys.exit(130)
     table = Table(title=f"moeref vectors -> {result.folder}", title_justify="left")
     for col, justify in (("case", "left"), ("shapes", "left"), ("tensors", "right"), ("file", "left"),
                          ("bytes", "right"), ("status", "left"), ("time", "right")):
@@ -144,6 +149,11 @@ def vectors(out: str | None, only: tuple[str, ...], force: bool) -> None:
         f"{len(result.cases)} cases ({', '.join(f'{v} {k}' for k, v in counts.items() if v)}), "
         f"manifest {result.manifest_status}, in {result.seconds:.1f} s. Next: moeref verify {result.folder}"
     )
+    if result.dropped:
+        console.print(f"dropped from the manifest, {len(result.dropped)} case(s) whose file was missing or changed "
+                      "(add them back with --only NAME):")
+        for name, problem in result.dropped:
+            console.print(f"  - {name}: {problem}")
 
 
 @main.command()

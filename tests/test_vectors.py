@@ -1,4 +1,4 @@
-"""``moeref vectors``: the case registry, determinism, atomic and resumable writes, --only, --force."""
+"""``moeref vectors``: the case registry, determinism, all-or-nothing staged writes and their repair, --only, --force."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from moeref.vectors import VectorsError
 from moeref.vectors.generate import generate
 from moeref.vectors.verify import verify
 from moeref.vectors import io as vio
+from moeref.vectors import staging
 from moeref.vectors.cases import FORMULATIONS, all_cases, options_to_json, reference, select_cases
 from moeref.backends.selfcheck import CASES as SELFCHECK_CASES
 from moeref.testing import load_case
@@ -133,13 +134,14 @@ def test_rerun_keeps_identical_files_and_merges_the_manifest(tmp_path):
     before = _files(tmp_path)
     again = generate(tmp_path, only=["meta_pi"])
     assert {r.status for r in again.cases} == {"kept"} and again.manifest_status == "kept"
-    assert _files(tmp_path) == before
+    assert _files(tmp_path) == before and not staging.leftovers(tmp_path)
     generate(tmp_path, only=["mixture"])  # adds to the manifest
     names = {c["name"] for c in vio.read_manifest(tmp_path)["cases"]}
     assert any(n.startswith("meta_pi") for n in names) and any(n.startswith("mixture") for n in names)
 
 
-def test_interrupted_run_is_detected_and_completed(tmp_path, monkeypatch):
+def _crash_on_second_write(monkeypatch):
+    """Make the second case-file write of the next run leave a half-written temporary file and raise Ctrl-C."""
     calls = {"n": 0}
     real = vio.atomic_write
 
@@ -148,20 +150,154 @@ def test_interrupted_run_is_detected_and_completed(tmp_path, monkeypatch):
         if calls["n"] == 2:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data[: len(data) // 2])  # a half-written temporary file
+            tmp.write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt
         real(path, data)
 
     monkeypatch.setattr("moeref.vectors.generate.atomic_write", crash_on_second)
+    return real
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["new-folder", "older-complete-state"])
+def test_interrupted_run_is_detected_and_completed(tmp_path, monkeypatch, older):
+    folder = tmp_path / "v"
+    if older:
+        generate(folder, only=["meta_pi.N5"])
+    before = _files(folder) if older else None
+    real = _crash_on_second_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        generate(tmp_path, only=SMALL)
-    assert not (tmp_path / "manifest.json").exists() and vio.temp_files(tmp_path)
-    with pytest.raises(VectorsError, match="incomplete"):
-        verify(tmp_path)
+        generate(folder, only=SMALL + ["mixture.N6"])
+    assert (_files(folder) if folder.exists() else None) == before, "the folder is exactly as before"
+    assert not staging.leftovers(folder), "the staging folder is deleted on Ctrl-C"
+    if not older:
+        with pytest.raises(VectorsError, match="does not exist"):
+            verify(folder)
     monkeypatch.setattr("moeref.vectors.generate.atomic_write", real)
-    result = generate(tmp_path, only=SMALL)
-    assert [r.status for r in result.cases].count("kept") == 1
-    assert not vio.temp_files(tmp_path) and verify(tmp_path).ok
+    result = generate(folder, only=SMALL + ["mixture.N6"])
+    assert [r.status for r in result.cases].count("kept") == (1 if older else 0)
+    assert not vio.temp_files(folder) and not staging.leftovers(folder) and verify(folder).ok
+
+
+def test_stale_staging_folder_and_temp_files_are_removed(tmp_path):
+    folder = tmp_path / "v"
+    generate(folder, only=["meta_pi.N5"])
+    (folder / "meta_pi" / ".x.safetensors.tmp").write_bytes(b"half")
+    (tmp_path / ".v.partial" / "meta_pi").mkdir(parents=True)
+    (tmp_path / ".v.partial" / "meta_pi" / "junk.safetensors").write_bytes(b"junk")
+    assert "interrupted `moeref vectors` left .v.partial" in " ".join(verify(folder).notes)
+    result = generate(folder, only=["meta_pi.N5"])
+    assert result.cases[0].status == "kept"
+    assert not vio.temp_files(folder) and not staging.leftovers(folder) and verify(folder).ok
+
+
+def test_fallback_swap_without_renameat2(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging, "exchange", lambda a, b: False)
+    folder = tmp_path / "v"
+    generate(folder, only=["meta_pi.N5"])  # new folder: one rename
+    (folder / "notes.txt").write_text("mine")
+    generate(folder, only=["mixture.N6"])  # existing folder: two renames
+    assert (folder / "notes.txt").read_text() == "mine" and not staging.leftovers(folder)
+    assert {c["formulation"] for c in vio.read_manifest(folder)["cases"]} == {"meta_pi", "mixture", "hard_mixture"}
+    before = _files(folder)
+    real_rename = os.rename
+
+    def ctrl_c_between_the_renames(src, dst):
+        if pathlib.Path(src) == staging.staging_path(folder.resolve()):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", ctrl_c_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        generate(folder, only=SMALL)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert _files(folder) == before, "the first rename is undone"
+    generate(folder, only=SMALL)
+    assert verify(folder).ok and not staging.leftovers(folder)
+
+
+@pytest.mark.parametrize("staged_complete", [True, False], ids=["finish-swap", "restore-previous"])
+def test_crash_between_the_fallback_renames_is_repaired(tmp_path, staged_complete):
+    """The state a power loss between the two renames leaves: no folder, .v.previous and .v.partial beside."""
+    folder, old, new = tmp_path / "v", tmp_path / "old", tmp_path / "new"
+    generate(old, only=["meta_pi.N5"])
+    generate(new, only=["meta_pi.N5", "mixture.N6"])
+    if not staged_complete:
+        (new / "manifest.json").unlink()  # the crash came before the new content was complete
+    expected = _files(new if staged_complete else old)
+    old.rename(tmp_path / ".v.previous")
+    new.rename(tmp_path / ".v.partial")
+    with pytest.raises(VectorsError, match=r"\.v\.previous \(its previous content\) and \.v\.partial .*moeref vectors --out"):
+        verify(folder)
+    result = CliRunner().invoke(main, ["verify", str(folder)])
+    assert result.exit_code == 2 and ".v.previous" in result.output and "to repair it" in result.output
+    result = generate(folder, only=["meta_pi.N5", "mixture.N6"] if staged_complete else ["meta_pi.N5"])
+    assert {r.status for r in result.cases} == {"kept"} and result.manifest_status == "kept"
+    assert _files(folder) == expected and not staging.leftovers(folder) and verify(folder).ok
+
+
+def test_leftover_previous_beside_a_complete_folder_is_noted_and_removed(tmp_path):
+    folder = tmp_path / "v"
+    generate(folder, only=["meta_pi.N5"])
+    (tmp_path / ".v.previous").mkdir()
+    assert ".v.previous beside the folder is the old content" in " ".join(verify(folder).notes)
+    generate(folder, only=["meta_pi.N5"])
+    assert not staging.leftovers(folder)
+
+
+def test_missing_or_changed_files_of_cases_not_regenerated_are_dropped(tmp_path):
+    folder = tmp_path / "v"
+    generate(folder, only=SMALL)
+    missing = next(folder.rglob("meta_pi*.safetensors"))
+    missing.unlink()
+    changed = next(folder.rglob("*mixtral*float32.safetensors"))
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x00")
+    result = CliRunner().invoke(main, ["vectors", "--out", str(folder), "--only", "mixture.N6"])
+    assert result.exit_code == 0, result.output
+    assert "dropped from the manifest, 2 case(s)" in result.output and "meta_pi.N5-d3-n3-d_out2.float64: " in result.output
+    names = {c["name"] for c in vio.read_manifest(folder)["cases"]}
+    assert names == {"sparse_moe.mixtral.T7-d5-I3-E8.float64", "mixture.N6-n4-d_out2.float64", "hard_mixture.N6-n4-d_out2.float64"}
+    assert changed.exists(), "a changed file stays, unlisted"
+    assert verify(folder).ok
+
+
+def test_stage_links_the_targets_files_and_skips_what_it_is_told(tmp_path):
+    target = tmp_path / "t"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "a.bin").write_bytes(b"a")
+    (target / "skip.me").write_bytes(b"s")
+    (target / "link").symlink_to("sub/a.bin")
+    (target / "sub").chmod(0o750)
+    staged = staging.stage(target, skip=lambda rel: rel.name == "skip.me")
+    assert staged == tmp_path / ".t.partial"
+    assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*")) == ["link", "sub", "sub/a.bin"]
+    assert (staged / "sub" / "a.bin").stat().st_ino == (target / "sub" / "a.bin").stat().st_ino, "a hard link"
+    assert (staged / "link").is_symlink() and (staged / "sub").stat().st_mode & 0o777 == 0o750
+    assert staging.stage(tmp_path / "new") == tmp_path / ".new.partial"  # no target yet: an empty folder
+
+
+def test_exchange_swaps_two_folders_atomically(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("A"), (b / "f").write_text("B")
+    if not staging.exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
+    with pytest.raises(FileNotFoundError):
+        staging.exchange(a, tmp_path / "absent")
+
+
+def test_targets_that_cannot_be_replaced_as_a_whole(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VectorsError, match="exists and is not a folder"):
+        generate(tmp_path / "file", only=["meta_pi.N5"])
+    (tmp_path / "v" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "v" / "sub")
+    for out in (".", "..", str(tmp_path / "v")):
+        with pytest.raises(VectorsError, match="working directory or contains it"):
+            generate(out, only=["meta_pi.N5"])
+    assert not staging.leftovers(tmp_path / "v")
+    generate("vec", only=["meta_pi.N5"])  # a relative folder below the working directory is fine
+    assert verify(tmp_path / "v" / "sub" / "vec").ok
 
 
 def test_nothing_is_overwritten_without_force(tmp_path):
@@ -171,7 +307,7 @@ def test_nothing_is_overwritten_without_force(tmp_path):
     edited = path.read_bytes()
     with pytest.raises(VectorsError, match="different content.*--force"):
         generate(tmp_path, only=["meta_pi.N5"])
-    assert path.read_bytes() == edited
+    assert path.read_bytes() == edited and not staging.leftovers(tmp_path)
     result = generate(tmp_path, only=["meta_pi.N5"], force=True)
     assert result.cases[0].status == "replaced" and verify(tmp_path).ok
 

@@ -171,6 +171,24 @@ def test_notes_for_leftover_temporary_files(folder):
     assert result.exit_code == 0 and "temporary file" in result.output
 
 
+def test_notes_for_a_leftover_staging_folder(folder):
+    (folder.parent / ".v.partial" / "meta_pi").mkdir(parents=True)
+    result = _run(folder, "--only", "meta_pi")
+    assert result.exit_code == 0, result.output
+    assert "an interrupted `moeref vectors` left .v.partial beside the folder" in result.output
+    assert "the folder itself is the previous complete state" in result.output
+
+
+def test_missing_folder_with_leftovers_says_what_happened(folder):
+    folder.rename(folder.parent / ".v.partial")
+    result = _run(folder)
+    assert result.exit_code == 2 and "an interrupted `moeref vectors` left .v.partial" in result.output
+    (folder.parent / ".v.previous").mkdir()
+    result = _run(folder)
+    assert result.exit_code == 2 and ".v.previous (its previous content) and .v.partial (the new content)" in result.output
+    assert "again to repair it" in result.output
+
+
 # --------------------------------------------------------------------------------------------
 # The tie-aware comparison
 # --------------------------------------------------------------------------------------------

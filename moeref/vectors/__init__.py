@@ -6,6 +6,7 @@ array-API code. Modules:
 * [`cases`][moeref.vectors.cases]: the case registry (every formulation and preset; how to add one);
 * [`io`][moeref.vectors.io]: safetensors case files and the JSON manifest, atomic writes, safe reads;
 * [`generate`][moeref.vectors.generate]: ``moeref vectors`` (``generate_vectors(out, only=...)``);
+* [`staging`][moeref.vectors.staging]: the staging folder and atomic swap behind ``moeref vectors``;
 * [`verify`][moeref.vectors.verify]: ``moeref verify`` (``verify_vectors(folder, backends=...)``);
 * [`check`][moeref.vectors.check]: ``moeref check``, a user's function against moeref;
 * [`compare`][moeref.vectors.compare]: tolerances by dtype and the tie-aware routing comparison.

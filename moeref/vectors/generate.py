@@ -1,9 +1,13 @@
 """``moeref vectors``: write the golden reference vectors of every case to a folder.
 
-The run is deterministic (the same moeref version writes byte-identical files on every machine),
-atomic per file (temporary name, then ``os.replace``; the manifest last) and resumable: a file
-that already holds exactly the bytes this run would write is kept, one that differs is replaced
-only with ``force``. Re-running after an interruption completes the folder.
+The run is deterministic (the same moeref version writes byte-identical files on every machine)
+and all-or-nothing: it builds the new content in a staging folder beside the target,
+``<parent>/.<name>.partial`` (the target's files carried over as hard links), and swaps it in
+as a whole when complete (see [`moeref.vectors.staging`][moeref.vectors.staging]). An
+interrupted run, at any moment, leaves the target as it was or complete; running the same
+command again finishes it. A file that already holds exactly the bytes this run would write is
+kept; one that differs is replaced only with ``force``, and that check happens before the target
+is touched. A run that would change nothing leaves the target untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from .._version import __version__
 from ._errors import VectorsError
 from .cases import CaseSpec, get_formulation, options_to_json, reference, select_cases
 from .compare import TIE_THRESHOLDS, TOLERANCES
-from .io import MANIFEST, SCHEMA_VERSION, atomic_write, encode_case, encode_manifest, read_manifest, sha256, temp_files
+from .io import (MANIFEST, SCHEMA_VERSION, atomic_write, check_case_file, encode_case, encode_manifest, is_temp_name,
+                 read_manifest, sha256, temp_files)
+from .staging import discard, repair, resolve_target, stage, staging_path, swap_in
 
 __all__ = ["DEFAULT_FOLDER", "GeneratedCase", "GenerateResult", "generate", "manifest_entry"]
 
@@ -49,10 +55,19 @@ class GeneratedCase:
 
 @dataclass(frozen=True)
 class GenerateResult:
+    """What a run did.
+
+    ``manifest_status`` is ``"written"`` (new folder), ``"updated"`` or ``"kept"``; ``dropped``
+    lists ``(case name, problem)`` for entries of the old manifest that this run did not
+    regenerate and whose file was missing or failed its checksum: they are left out of the new
+    manifest (a changed file itself stays in the folder, unlisted).
+    """
+
     folder: Path
     cases: tuple[GeneratedCase, ...]
     manifest_status: str
     seconds: float
+    dropped: tuple[tuple[str, str], ...] = ()
 
 
 def manifest_entry(ref, data: bytes) -> dict:
@@ -114,6 +129,50 @@ def _previous_entries(folder: Path, force: bool) -> dict[str, dict]:
     return {e["name"]: e for e in old["cases"]}
 
 
+def _not_carried(rel: Path) -> bool:
+    """Files of the target not copied into the staging folder: temporary files, and the manifest
+    (rewritten last, so a staging folder holds one only when complete)."""
+    return rel == Path(MANIFEST) or is_temp_name(rel.name)
+
+
+def _staging_complete(staging: Path) -> bool:
+    return (staging / MANIFEST).is_file()
+
+
+def _write_case(spec: CaseSpec, folder: Path, staging: Path, force: bool) -> tuple[GeneratedCase, dict]:
+    """Compute one case, compare it with the target's file and write it into the staging folder."""
+    t0 = time.perf_counter()
+    ref = reference(spec)
+    data = encode_case(ref.tensors, spec.name)
+    path = folder / spec.file
+    status = "written"
+    if path.exists():
+        if path.read_bytes() == data:
+            status = "kept"
+        elif force:
+            status = "replaced"
+        else:
+            raise VectorsError(
+                f"{path} exists with different content (written by another moeref version, or edited); "
+                "nothing was overwritten: use --force to replace it, or --out another folder"
+            )
+    if status != "kept" or not (staging / spec.file).is_file():
+        atomic_write(staging / spec.file, data)  # a new file: never writes into a carried-over hard link
+    row = GeneratedCase(spec, spec.file, len(data), len(ref.tensors), status, time.perf_counter() - t0)
+    return row, manifest_entry(ref, data)
+
+
+def _drop_broken(entries: dict[str, dict], regenerated: set[str], folder: Path) -> list[tuple[str, str]]:
+    """Remove from ``entries`` the old ones not regenerated whose file is missing or changed."""
+    dropped = []
+    for name in sorted(set(entries) - regenerated):
+        problem = check_case_file(folder, entries[name])[1]
+        if problem:
+            dropped.append((name, problem))
+            del entries[name]
+    return dropped
+
+
 def generate(
     out: str | Path = DEFAULT_FOLDER,
     *,
@@ -121,14 +180,16 @@ def generate(
     force: bool = False,
     on_case: Callable[[CaseSpec, int, int], None] | None = None,
 ) -> GenerateResult:
-    """Write the vectors of the selected cases (default: all) and the manifest to ``out``.
+    """Write the vectors of the selected cases (default: all) and the manifest to ``out``, atomically.
 
     Parameters
     ----------
     out : path
-        The folder (created if needed).
+        The folder (created if needed). It is replaced as a whole: the run works in
+        ``.<name>.partial`` beside it, and deletes a leftover of that name.
     only : sequence of str, optional
         Name patterns (globs, or substrings), see [`select_cases`][moeref.vectors.cases.select_cases].
+        Cases already in the folder and not selected are carried over, with their manifest entries.
     force : bool
         Replace files whose content differs from this run's (another moeref version, edited files).
     on_case : callable (spec, index, total), optional
@@ -141,48 +202,49 @@ def generate(
     Raises
     ------
     VectorsError
-        No case matches ``only``; ``out`` is a file; a file or manifest would be overwritten with
-        different content and ``force`` is False.
+        No case matches ``only``; ``out`` is a file, the working directory or contains it; a file
+        or manifest would be overwritten with different content and ``force`` is False (raised
+        before ``out`` is touched); the finished folder could not be put in place.
+    KeyboardInterrupt
+        Passed on after deleting the staging folder: ``out`` is unchanged.
     """
     start = time.perf_counter()
     specs = select_cases(only)
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise VectorsError(f"{folder} exists and is not a folder")
+    target = resolve_target(folder)
+    repair(target, _staging_complete)  # a crash during an earlier swap
     entries = _previous_entries(folder, force)
-    for leftover in temp_files(folder):  # from an interrupted run: never a valid file
-        leftover.unlink()
-    rows = []
-    for i, spec in enumerate(specs):
-        if on_case is not None:
-            on_case(spec, i, len(specs))
-        t0 = time.perf_counter()
-        ref = reference(spec)
-        data = encode_case(ref.tensors, spec.name)
-        path = folder / spec.file
-        status = "written"
+    staging = staging_path(target)
+    try:
+        stage(target, skip=_not_carried)
+        rows = []
+        for i, spec in enumerate(specs):
+            if on_case is not None:
+                on_case(spec, i, len(specs))
+            row, entries[spec.name] = _write_case(spec, folder, staging, force)
+            rows.append(row)
+        dropped = _drop_broken(entries, {s.name for s in specs}, folder)
+        manifest = encode_manifest(_manifest(list(entries.values())))
+        path = folder / MANIFEST
+        manifest_status = "written"
         if path.exists():
-            if sha256(path.read_bytes()) == sha256(data):
-                status = "kept"
-            elif force:
-                status = "replaced"
-            else:
-                raise VectorsError(
-                    f"{path} exists with different content (written by another moeref version, or edited); "
-                    "nothing was overwritten: use --force to replace it, or --out another folder"
-                )
-        if status != "kept":
-            atomic_write(path, data)
-        entries[spec.name] = manifest_entry(ref, data)
-        rows.append(GeneratedCase(spec, spec.file, len(data), len(ref.tensors), status, time.perf_counter() - t0))
-    manifest = encode_manifest(_manifest(list(entries.values())))
-    path = folder / MANIFEST
-    manifest_status = "written"
-    if path.exists():
-        manifest_status = "kept" if path.read_bytes() == manifest else "updated"
-    if manifest_status != "kept":
-        atomic_write(path, manifest)
-    return GenerateResult(folder, tuple(rows), manifest_status, time.perf_counter() - start)
+            manifest_status = "kept" if path.read_bytes() == manifest else "updated"
+        atomic_write(staging / MANIFEST, manifest)  # last: marks the staging folder complete
+        changed = manifest_status != "kept" or any(r.status != "kept" for r in rows) or bool(temp_files(target))
+    except BaseException:
+        discard(staging)
+        raise
+    if not changed:
+        discard(staging)
+    else:
+        try:
+            swap_in(staging, target)
+        except OSError as exc:
+            raise VectorsError(
+                f"could not put the new vectors in place of {folder} ({exc}); the folder holds its previous "
+                "or its new complete content: run the same command again"
+            ) from None
+    return GenerateResult(folder, tuple(rows), manifest_status, time.perf_counter() - start, tuple(dropped))
 
 
 def shapes_of(spec: CaseSpec) -> str:

@@ -7,13 +7,16 @@ Layout of a folder::
     meta_pi/meta_pi.N5-d3-n3-d_out2.float64.safetensors
     ...
 
-Every file is written to a hidden temporary name in its own folder and moved into place with
-``os.replace`` (atomic on POSIX and Windows), so an interrupted run never leaves a partial file
-under a real name; the manifest is written after every case file, so a folder without it (or
-whose manifest names a missing or different file) is recognisably incomplete. Readers never
-unpickle: safetensors is a JSON header and raw little-endian bytes, parsed by its Rust library,
-and the manifest is plain JSON, validated field by field before use. Every problem is a
-[`VectorsError`][moeref.vectors.VectorsError] with a message.
+Every file is written to a hidden temporary name in its own folder, flushed to disk and moved
+into place with ``os.replace`` (atomic on POSIX and Windows), so no file under a real name is
+ever partial. ``moeref vectors`` writes into a staging folder and swaps it in whole
+([`moeref.vectors.generate`][moeref.vectors.generate], [`moeref.vectors.staging`][moeref.vectors.staging]),
+so the manifest of a folder always describes a complete run; a missing manifest, a missing or
+changed file, a temporary file or a leftover ``.<name>.partial`` beside the folder all mean
+something went wrong, and [`read_manifest`][moeref.vectors.io.read_manifest] and ``moeref
+verify`` say which. Readers never unpickle: safetensors is a JSON header and raw little-endian bytes,
+parsed by its Rust library, and the manifest is plain JSON, validated field by field before
+use. Every problem is a [`VectorsError`][moeref.vectors.VectorsError] with a message.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from .._version import __version__
 from ._errors import VectorsError
 from .compare import TOLERANCES
+from .staging import leftovers, previous_path, staging_path
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -39,6 +43,7 @@ __all__ = [
     "decode_case",
     "atomic_write",
     "temp_files",
+    "is_temp_name",
     "read_manifest",
     "encode_manifest",
     "check_case_file",
@@ -101,6 +106,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of [`atomic_write`][moeref.vectors.io.atomic_write]'s temporary names."""
+    return bool(_TEMP.match(name))
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -166,6 +176,26 @@ def _check_entry(entry: Any, i: int, source: str) -> None:
             raise _fail(source, f"cases[{i}].tensors[{name!r}] must be {{'dtype': str, 'shape': [int, ...]}}")
 
 
+def _missing_folder_message(folder: Path) -> str:
+    """Why ``folder`` does not exist, when an interrupted ``moeref vectors`` left something beside it."""
+    left = leftovers(folder)
+    rerun = f"`moeref vectors --out {folder}`"
+    if previous_path(folder) in left:
+        roles = {previous_path(folder): "its previous content", staging_path(folder): "the new content"}
+        found = " and ".join(f"{p.name} ({roles[p]})" for p in sorted(left, key=lambda p: p != previous_path(folder)))
+        return (
+            f"vectors folder {folder} does not exist, but {found} beside it: a crash while `moeref vectors` was "
+            f"replacing it; run the same command, {rerun}, again to repair it: the run finishes the swap, or "
+            "restores the previous content when the new one was incomplete"
+        )
+    if left:
+        return (
+            f"vectors folder {folder} does not exist: an interrupted `moeref vectors` left {left[0].name} beside it "
+            f"(a first run that did not finish); run the same command, {rerun}, again to finish"
+        )
+    return f"vectors folder {folder} does not exist; generate it with {rerun}"
+
+
 def read_manifest(folder: Path) -> dict:
     """Read and validate ``folder/manifest.json``.
 
@@ -178,7 +208,7 @@ def read_manifest(folder: Path) -> dict:
     """
     folder = Path(folder)
     if not folder.exists():
-        raise VectorsError(f"vectors folder {folder} does not exist; generate it with `moeref vectors --out {folder}`")
+        raise VectorsError(_missing_folder_message(folder))
     if not folder.is_dir():
         raise VectorsError(f"{folder} is not a folder")
     path = folder / MANIFEST

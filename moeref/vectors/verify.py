@@ -17,6 +17,7 @@ from ._errors import VectorsError, closest
 from .cases import FORMULATIONS, compute, find_case, options_to_json, preset_names, problem_from_tensors
 from .compare import Comparison, TensorCheck, compare
 from .io import MANIFEST, check_case_file, load_entry_tensors, read_manifest, temp_files
+from .staging import previous_path, staging_path
 
 __all__ = ["CaseOutcome", "VerifyResult", "verify", "check_folder"]
 
@@ -98,11 +99,28 @@ def check_folder(folder: str | Path, only: Sequence[str] | None = None) -> tuple
     leftovers = temp_files(folder)
     if leftovers:
         notes.append(f"{len(leftovers)} temporary file(s) from an interrupted run (ignored; `moeref vectors` removes them)")
+    notes += _leftover_notes(folder)
     listed_files = {e["file"] for e in manifest["cases"]}
     extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors") if str(p.relative_to(folder).as_posix()) not in listed_files)
     if extra:
         notes.append(f"{len(extra)} file(s) not listed in the manifest (ignored): {', '.join(extra[:3])}")
     return manifest, entries, notes
+
+
+def _leftover_notes(folder: Path) -> list[str]:
+    """Notes on what an interrupted ``moeref vectors`` left beside a folder that has a manifest."""
+    notes = []
+    if staging_path(folder).exists():
+        notes.append(
+            f"an interrupted `moeref vectors` left {staging_path(folder).name} beside the folder; the folder itself "
+            f"is the previous complete state; rerun the same `moeref vectors --out {folder}` to finish (it removes the leftover)"
+        )
+    if previous_path(folder).exists():
+        notes.append(
+            f"{previous_path(folder).name} beside the folder is the old content from an interrupted swap; the folder is "
+            "complete, and the next `moeref vectors` removes the leftover"
+        )
+    return notes
 
 
 def _version() -> str:
