@@ -25,6 +25,11 @@ Run (the OpenBLAS tuning variables are removed for this command only):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/em_iteration.py
 
 Writes ``benchmarks/results/em_iteration-<time>.json`` and ``em_iteration-latest.json``.
+
+``--gate softmax`` measures the softmax-gated form only: the ``wls`` reference, the MoE iteration
+(full and single-step Newton), its gate and expert M-steps, and the tracemalloc peak of the gate
+M-step (``harness.transient_peak_bytes``); no profile, no growth, and it writes a results file only
+when ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -154,6 +159,34 @@ def growth(sizes: list[int], seed: int) -> list[dict]:
     return out
 
 
+def softmax_gate_only(data: dict, args: argparse.Namespace, env: dict, started: str) -> None:
+    """The softmax-gated iteration against ``wls`` at each thread count, and the gate M-step's memory peak."""
+    cells = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        with harness.threads(threads):
+            cands = {"wls": regression_mixture_candidates(data)["wls"], **moe_candidates(data)}
+            times = harness.interleaved_times(cands, rounds=args.rounds, warmup=1, seed=args.seed)
+            summary = harness.summarize(times, "wls")
+            peaks = harness.transient_peak_bytes(cands["moe_gate_m_step"])
+        cell = {"threads": threads, "n": args.n, "K": K, "d": D_IN, "candidates": {},
+                "gate_m_step_peak_bytes": peaks}
+        for name, s in summary.items():
+            cell["candidates"][name] = {"reference": "wls", "ratio": s.pop("ratio_to_wls"), **s}
+        cells.append(cell)
+        print(f"{threads}t n={args.n}: wls {cell['candidates']['wls']['median_seconds'] * 1e3:.1f} ms | " + " ".join(
+            f"{k}={v['ratio']:.2f} [{v['ratio_min']:.2f},{v['ratio_max']:.2f}]" for k, v in cell["candidates"].items() if k != "wls"
+        ) + f" | gate M-step peak {min(peaks) / 2**20:.1f} MiB", flush=True)
+    if args.out is not None:
+        doc = {
+            "benchmark": "softmax-gated EM iteration (K=8 linear experts) vs its weighted least-squares solves; gate M-step memory",
+            "command": "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/em_iteration.py " + " ".join(sys.argv[1:]),
+            "rounds": args.rounds, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": {**env, "load_average_at_end": harness.environment()["load_average"]},
+            "cells": cells,
+        }
+        print(f"wrote {harness.write_results(doc, 'em_iteration_softmax', args.out)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -163,11 +196,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-moe", action="store_true", help="skip the softmax-gated form")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--gate", choices=("all", "softmax"), default="all",
+                        help="'softmax': the softmax-gated iteration and the gate M-step's memory only")
     args = parser.parse_args()
     env = harness.environment()
     harness.print_environment(env)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     data = make_data(args.n, args.seed)
+    if args.gate == "softmax":
+        softmax_gate_only(data, args, env, started)
+        return
     cells = []
     for threads in [int(t) for t in args.threads.split(",")]:
         with harness.threads(threads):

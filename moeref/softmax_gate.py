@@ -219,6 +219,31 @@ def weighted_multinomial_objective(
     return xp.sum(per_row) - 0.5 * ridge * (xp.sum(weight * weight) + xp.sum(bias * bias))
 
 
+def _minus_hessian(u: Any, p: Any, n_free: int, ridge: float, xp: Any) -> Any:
+    r"""Minus the Hessian of $F$ over the first ``n_free`` columns, class-major, shape (n, n).
+
+    $$M_{kl} = \tilde X^\top \operatorname{diag}\big(s r (\delta_{kl} p_k - p_k p_l)\big)\tilde X
+    + \rho\,\delta_{kl} I, \qquad n = K_f (d+1),$$
+
+    from ``u`` (N, q) with rows $\sqrt{s_i r_i}\,\tilde x_i$ and the probabilities ``p`` (N, K). The one
+    Gram matrix $Z^\top Z$ of the rows $z_i = (1, p_{i1}, \dots, p_{iK_f}) \otimes u_i$ holds the diagonal
+    blocks $\tilde X^\top \operatorname{diag}(s r p_k)\tilde X$ in its first block row and the blocks
+    $\tilde X^\top \operatorname{diag}(s r p_k p_l)\tilde X$ below it: one GEMM (a SYRK in NumPy) and
+    transient memory $O(N K_f q)$, no per-sample outer products.
+    """
+    N, q = u.shape
+    n = n_free * q
+    dtype, dev = u.dtype, device_of(u)
+    c = xp.concat([xp.ones((N, 1), dtype=dtype, device=dev), p[:, :n_free]], axis=1)  # (N, Kf + 1)
+    z = xp.reshape(c[:, :, None] * u[:, None, :], (N, q + n))  # (N, (Kf + 1) q) class-major
+    gram = xp.matmul(xp.matrix_transpose(z), z)  # (q + n, q + n)
+    diag = xp.permute_dims(xp.reshape(gram[:q, q:], (q, n_free, q)), (1, 0, 2))  # (Kf, q, q)
+    eye_k = xp.eye(n_free, dtype=dtype, device=dev)  # (Kf, Kf)
+    blocks = xp.reshape(eye_k[:, None, :, None] * diag[:, :, None, :], (n, n))  # (n, n) block diagonal
+    m = blocks - gram[q:, q:] + ridge * xp.eye(n, dtype=dtype, device=dev)  # (n, n)
+    return 0.5 * (m + xp.matrix_transpose(m))
+
+
 def fit_weighted_multinomial(
     x: Any,
     targets: Any,
@@ -302,11 +327,15 @@ def fit_weighted_multinomial(
 
     Notes
     -----
-    The Hessian is assembled as a $(K_f(d+1))^2$ matrix ($K_f = K-1$ or $K$) and inverted through
+    The Hessian is a $(K_f(d+1))^2$ matrix ($K_f = K-1$ or $K$), assembled without per-sample outer
+    products: with rows $z_i = (1, p_{i1}, \dots, p_{iK_f}) \otimes \sqrt{s_i r_i}\,\tilde x_i$, the
+    one Gram matrix $Z^\top Z$ holds the diagonal blocks $\tilde X^\top \operatorname{diag}(s r p_k)
+    \tilde X$ in its first block row and the blocks $\tilde X^\top \operatorname{diag}(s r p_k p_l)
+    \tilde X$ below it (transient memory $O(N K_f (d+1))$). It is inverted through
     ``xp.linalg.eigh``; eigenvalues below $n\varepsilon\lambda_{\max}$ are treated as 0 (the
     pseudo-inverse), which gives the minimum-norm step for the symmetric parametrisation and for a
-    rank-deficient design. Cost per step: $O(N K_f^2 (d+1)^2 + (K_f(d+1))^3)$, meant for the small
-    problems of a reference implementation.
+    rank-deficient design. Cost per step: $O(N K_f^2 (d+1)^2 + (K_f(d+1))^3)$; the first term
+    dominates (one GEMM), the eigendecomposition is small for the sizes of a reference implementation.
 
     Examples
     --------
@@ -356,11 +385,15 @@ def fit_weighted_multinomial(
         pen = 0.5 * ridge * xp.sum(f * f)
         return float(ll - pen), float(ll), float(pen), logp
 
+    def min_probability(logp: Any) -> float:
+        p = xp.exp(logp)  # (N, K)
+        return float(xp.min(xp.where(sr[:, None] > 0, p, xp.ones_like(p)))) if N > 0 else 1.0
+
     def result(f: Any, *, n_iter: int, converged: bool, separated: bool, F: float, ll: float, pen: float,
-               trace: list, logp: Any, halvings: int, reason: str) -> WeightedMultinomialFit:
+               trace: list, logp: Any, halvings: int, reason: str,
+               pmin: float | None = None) -> WeightedMultinomialFit:
         th = full(f)  # (q, K)
-        p = xp.exp(logp)
-        pmin = float(xp.min(xp.where(sr[:, None] > 0, p, xp.ones_like(p)))) if N > 0 else 1.0
+        pmin = min_probability(logp) if pmin is None else pmin
         return WeightedMultinomialFit(
             weight=th[:d, :], bias=th[d, :], n_iter=n_iter, converged=converged, separated=separated,
             objective=F, loglik=ll, penalty=pen, objective_trace=tuple(trace), min_probability=pmin,
@@ -374,21 +407,15 @@ def fit_weighted_multinomial(
                       logp=logp, halvings=0, reason="converged: a single class has no free parameters")
 
     n = Kf * q
-    eye_k = xp.eye(Kf, dtype=dtype, device=dev)  # (Kf, Kf)
-    eye_n = xp.eye(n, dtype=dtype, device=dev)  # (n, n)
-    xx = xp.reshape(x1[:, :, None] * x1[:, None, :], (N, q * q))  # (N, q*q)
+    st = s[:, None] * targets  # (N, K)
+    u = xp.sqrt(sr)[:, None] * x1  # (N, q): rows sqrt(s_i r_i) x~_i (s, t >= 0 are checked)
 
     def newton_direction(f: Any, logp: Any) -> tuple[Any, float]:
         p = xp.exp(logp)  # (N, K)
-        resid = s[:, None] * targets - sr[:, None] * p  # (N, K)
+        resid = st - sr[:, None] * p  # (N, K)
         grad = xp.matmul(xp.matrix_transpose(x1), resid)[:, :Kf] - ridge * f  # (q, Kf)
         g = xp.reshape(xp.matrix_transpose(grad), (n,))  # (n,) class-major
-        pf = p[:, :Kf]  # (N, Kf)
-        a = sr[:, None, None] * (pf[:, :, None] * eye_k[None, :, :] - pf[:, :, None] * pf[:, None, :])  # (N, Kf, Kf)
-        h = xp.matmul(xp.matrix_transpose(xp.reshape(a, (N, Kf * Kf))), xx)  # (Kf*Kf, q*q)
-        h = xp.permute_dims(xp.reshape(h, (Kf, Kf, q, q)), (0, 2, 1, 3))  # (Kf, q, Kf, q)
-        m = xp.reshape(h, (n, n)) + ridge * eye_n  # (n, n): minus the Hessian of F
-        m = 0.5 * (m + xp.matrix_transpose(m))
+        m = _minus_hessian(u, p, Kf, ridge, xp)  # (n, n): minus the Hessian of F
         lam, vec = xp.linalg.eigh(m)  # (n,), (n, n)
         thresh = max(float(xp.max(lam)), 0.0) * n * eps
         keep = lam > thresh
@@ -435,9 +462,8 @@ def fit_weighted_multinomial(
         n_iter += 1
 
     separated = False
-    pmin = 1.0
+    pmin = min_probability(logp)
     if not single_step and ridge == 0.0 and last_step is not None:
-        pmin = float(xp.min(xp.where(sr[:, None] > 0, xp.exp(logp), xp.ones_like(logp))))
         norm = float(xp.sqrt(xp.sum(last_step * last_step)))
         if pmin < _SATURATION and norm > 0:
             ahead, _, _, _ = evaluate(free + (_RECESSION_DISTANCE / norm) * last_step)
@@ -460,7 +486,7 @@ def fit_weighted_multinomial(
             stacklevel=2,
         )
     return result(free, n_iter=n_iter, converged=converged, separated=separated, F=F, ll=ll, pen=pen,
-                  trace=trace, logp=logp, halvings=halvings, reason=reason)
+                  trace=trace, logp=logp, halvings=halvings, reason=reason, pmin=pmin)
 
 
 # --------------------------------------------------------------------------------------------

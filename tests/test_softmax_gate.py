@@ -3,6 +3,7 @@ the single (GEM) step, the family's VJP and unconstrained view, backends, bad in
 
 from __future__ import annotations
 
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -11,12 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import optimize, special
 
+from moeref.core import array_namespace
 from moeref.em import ConvergenceWarning, EMWarning
 from moeref.families import GateFamily
 from moeref.softmax_gate import (
     GateSeparationWarning,
     SoftmaxGate,
     SoftmaxGateParams,
+    _minus_hessian,
     fit_weighted_multinomial,
     weighted_multinomial_objective,
 )
@@ -205,6 +208,68 @@ def test_one_class_baseline_has_nothing_to_fit(rng):
     x, t, s = _problem(rng, K=1)
     fit = fit_weighted_multinomial(x, t, s, np.zeros((2, 1)), np.zeros(1))
     assert fit.converged and fit.n_iter == 0 and fit.objective == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The Hessian assembly (one Gram matrix, no per-sample outer products)
+# --------------------------------------------------------------------------------------------
+
+
+def _einsum_minus_hessian(x, p, s, r, n_free, ridge):
+    """M written out from its definition: per-sample (Kf, Kf) weights times per-sample outer products."""
+    x1 = np.column_stack([x, np.ones(len(x))])
+    q = x1.shape[1]
+    pf = p[:, :n_free]
+    a = (s * r)[:, None, None] * (np.einsum("ik,kl->ikl", pf, np.eye(n_free)) - np.einsum("ik,il->ikl", pf, pf))
+    m = np.einsum("ikl,ia,ib->kalb", a, x1, x1).reshape(n_free * q, n_free * q)
+    return m + ridge * np.eye(n_free * q)
+
+
+def _minus_hessian_of(x, p, s, r, n_free, ridge):
+    x1 = np.column_stack([x, np.ones(len(x))])
+    return _minus_hessian(np.sqrt(s * r)[:, None] * x1, p, n_free, ridge, array_namespace(x1))
+
+
+@pytest.mark.parametrize("n_free, ridge", [(3, 0.0), (4, 0.0), (3, 0.4)])
+def test_minus_hessian_equals_the_per_sample_outer_products(rng, n_free, ridge):
+    x, t, s = _problem(rng, N=40, d=3, K=4)
+    p = special.softmax(x @ rng.normal(size=(3, 4)) + rng.normal(size=4), axis=1)
+    r = t.sum(1) * rng.uniform(0.5, 2.0, size=40)  # rows of the targets need not sum to 1
+    got = _minus_hessian_of(x, p, s, r, n_free, ridge)
+    want = _einsum_minus_hessian(x, p, s, r, n_free, ridge)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    assert np.array_equal(got, got.T)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(0, 3), st.sampled_from([1.0, 30.0]))
+def test_minus_hessian_equals_the_per_sample_outer_products_property(seed, K, d, scale):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(9, d))
+    p = special.softmax(scale * rng.normal(size=(9, K)), axis=1)  # scale 30: saturated probabilities
+    s, r = rng.uniform(0.0, 2.0, size=9), rng.uniform(0.0, 2.0, size=9)
+    # delta_kl p_k - p_k p_l cancels when p_k is near 1 (in either form): round-off is relative to the
+    # scale of the terms, sum_i s_i r_i |x~_i|^2, not to the (tiny) result
+    scale = np.sum(s * r * (1.0 + np.sum(x * x, axis=1)))
+    for n_free in {K - 1, K} - {0}:
+        got = _minus_hessian_of(x, p, s, r, n_free, 0.0)
+        want = _einsum_minus_hessian(x, p, s, r, n_free, 0.0)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * scale)
+
+
+def test_newton_memory_stays_below_one_per_sample_outer_product_array():
+    # the previous assembly held an (N, (d+1)^2) array of per-sample outer products (and an (N, Kf^2)
+    # array of weights): at d=16, K=8 the peak was ~500 floats per sample; the Gram form needs ~220
+    N, d, K = 5000, 16, 8
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(N, d)), rng.dirichlet(np.ones(K), size=N)
+    tracemalloc.start()
+    try:
+        fit = fit_weighted_multinomial(x, t, None, np.zeros((d, K)), np.zeros(K))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert fit.converged
+    assert peak < N * (d + 1) ** 2 * 8, f"peak {peak / (8 * N):.0f} floats per sample"
 
 
 # --------------------------------------------------------------------------------------------
