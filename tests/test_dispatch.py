@@ -217,7 +217,9 @@ def test_permuting_tokens_permutes_outputs_property(T, k, apply_weight_to, seed)
 
 @pytest.fixture
 def tiny_pieces(monkeypatch):
-    """Expert blocks cut into pieces of 2 rows, the combine run 3 numbers (one token) at a time."""
+    """Tokens in chunks of ceil(E / k), expert blocks cut into pieces of 2 rows, the combine run 3 numbers (one
+    token) at a time."""
+    monkeypatch.setattr(dispatch_module, "_EXPERT_ROWS_PER_CHUNK", 1)
     monkeypatch.setattr(dispatch_module, "_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(dispatch_module, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(dispatch_module, "_COMBINE_ELEMENTS", 3)
@@ -248,19 +250,22 @@ def test_vjp_with_combine_chunks(rng, small, tiny_pieces):
     )
 
 
-@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 64), st.integers(0, 2**31 - 1))
-def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_elements, seed):
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 64), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_elements, chunk_rows, seed):
     rng = np.random.default_rng(seed)
     E, d, I = 4, 3, 2
     routes, x = make_routes(rng, T, k, E, drop=0.25), rng.normal(size=(T, d))
     p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, scale=6.0)
     want = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
-    saved = dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS
+    names = ("_BLOCK_ELEMENTS", "_MIN_BLOCK_ROWS", "_COMBINE_ELEMENTS", "_EXPERT_ROWS_PER_CHUNK")
+    saved = [getattr(dispatch_module, n) for n in names]
     try:
-        dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS = 1, min_rows, combine_elements
+        for n, v in zip(names, (1, min_rows, combine_elements, chunk_rows)):
+            setattr(dispatch_module, n, v)
         got = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
     finally:
-        dispatch_module._BLOCK_ELEMENTS, dispatch_module._MIN_BLOCK_ROWS, dispatch_module._COMBINE_ELEMENTS = saved
+        for n, v in zip(names, saved):
+            setattr(dispatch_module, n, v)
     assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
