@@ -215,7 +215,10 @@ def test_the_reproduction_on_every_backend(backend):
     assert round(got.loglik, 4) == PRINTED["loglik"]
     # the inner Newton loops stop on a tolerance, so backends (other summation orders, other
     # eigen-solvers) may differ by one inner step: agreement to the inner solvers' accuracy
-    np.testing.assert_allclose(got.loglik_trace, ref.loglik_trace, rtol=1e-9)
+    # (torch against NumPy: 1.4e-10 to 1.2e-9 at the third iteration, depending on the order in
+    # which the gate's Hessian blocks are summed; the last values agree to about 1e-11)
+    np.testing.assert_allclose(got.loglik_trace, ref.loglik_trace, rtol=3e-9)
+    assert got.loglik == pytest.approx(ref.loglik, rel=1e-10)
     for a, b in zip(backend.tree_to_numpy(tuple(got.params.gate) + tuple(got.params.experts)),
                     tuple(ref.params.gate) + tuple(ref.params.experts)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
