@@ -220,6 +220,7 @@ def tiny_pieces(monkeypatch):
     """Tokens in chunks of ceil(E / k), expert blocks cut into pieces of 2 rows, the combine run 3 numbers (one
     token) at a time."""
     monkeypatch.setattr(dispatch_module, "_EXPERT_ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(dispatch_module, "_MIN_CHUNK_TOKENS", 1)
     monkeypatch.setattr(dispatch_module, "_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(dispatch_module, "_MIN_BLOCK_ROWS", 2)
     monkeypatch.setattr(dispatch_module, "_COMBINE_ELEMENTS", 3)
@@ -252,15 +253,18 @@ def test_vjp_with_combine_chunks(rng, small, tiny_pieces):
 
 @given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 64), st.integers(1, 8), st.integers(0, 2**31 - 1))
 def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_elements, chunk_rows, seed):
+    assert dispatch_module._token_chunks(4096, 8, 64) == [(0, 2048), (2048, 4096)]  # at most half the call
+    assert dispatch_module._token_chunks(16384, 4, 32) == [(0, 4096), (4096, 8192), (8192, 12288), (12288, 16384)]
+    assert dispatch_module._token_chunks(200, 2, 8) == [(0, 200)]
     rng = np.random.default_rng(seed)
     E, d, I = 4, 3, 2
     routes, x = make_routes(rng, T, k, E, drop=0.25), rng.normal(size=(T, d))
     p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, scale=6.0)
     want = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
-    names = ("_BLOCK_ELEMENTS", "_MIN_BLOCK_ROWS", "_COMBINE_ELEMENTS", "_EXPERT_ROWS_PER_CHUNK")
+    names = ("_BLOCK_ELEMENTS", "_MIN_BLOCK_ROWS", "_COMBINE_ELEMENTS", "_EXPERT_ROWS_PER_CHUNK", "_MIN_CHUNK_TOKENS")
     saved = [getattr(dispatch_module, n) for n in names]
     try:
-        for n, v in zip(names, (1, min_rows, combine_elements, chunk_rows)):
+        for n, v in zip(names, (1, min_rows, combine_elements, chunk_rows, 1)):
             setattr(dispatch_module, n, v)
         got = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
     finally:
