@@ -27,7 +27,6 @@ from .core import array_namespace, device_of, _inverse_permutation, one_hot
 from .expert_ffn import (
     ExpertFFN,
     ExpertFFNParams,
-    _check_finite_by_sum,
     _expert_slice,
     _ffn_backward,
     _ffn_forward,
@@ -42,6 +41,7 @@ from .routes import Routes, check_routes
 from .validation import (
     check_arrays,
     check_choice,
+    check_finite as check_all_finite,
     check_float_array,
     check_positive_int,
     check_record_type,
@@ -148,9 +148,7 @@ def _check_call(
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__} {check_finite!r}")
     named = {"x": x, "routes.weight": routes.weight, **_named_params(experts)}
-    check_arrays(named, finite=False)
-    if check_finite:
-        _check_finite_by_sum(named, xp)
+    check_arrays(named, finite=check_finite)
     E, _, _ = check_expert_ffn_params(experts, ffn, d=x.shape[1])
     _check_kept_range(routes.expert_index, routes.kept, E, "routes.expert_index", f"experts holds E={E} experts", xp)
     return xp, T, k, E
@@ -440,7 +438,7 @@ def dispatch_combine_vjp(
     check_shape(cotangent, "cotangent", tuple(x.shape), what="the output of dispatch_combine, (T, d)")
     check_arrays({"x": x, "cotangent": cotangent}, finite=False)
     if check_finite:
-        _check_finite_by_sum({"cotangent": cotangent}, xp)
+        check_all_finite(cotangent, "cotangent")
     plan = _plan(routes, E, xp)
     x_blocks, w_blocks = [], []
     per_expert: list[ExpertFFNParams | None] = [None] * E
