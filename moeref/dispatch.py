@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from array_api_compat import is_writeable_array
+
 from .core import array_namespace, device_of, _inverse_permutation, one_hot
 from .expert_ffn import (
     ExpertFFN,
@@ -220,11 +222,52 @@ def _token_chunks(T: int, k: int, E: int) -> list[tuple[int, int]]:
     return [(0, T)] if size >= T else _pieces(0, T, size)
 
 
-def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFFN, apply_weight_to: str, xp: Any) -> list:
-    """Expert outputs of the kept routes in sorted order, as (n, d) pieces; weighted only for ``"input"``."""
+class _Rows:
+    """Rows of a result, handed over in order as consecutive blocks, read back as one array.
+
+    Where the backend's arrays can be written in place (NumPy, CuPy, torch, array-api-strict),
+    the array is allocated once and every block is copied into it as soon as it exists, so the
+    block is freed at once and the same memory serves every chunk of the call. Large temporaries
+    are otherwise mapped and page-faulted afresh on every allocation (glibc returns blocks over
+    its mmap threshold, at most 32 MiB, to the system when they are freed): at the benchmark's
+    workload C (float32, 2 threads) the expert outputs of a chunk (64 MiB) and their concatenation
+    (another 64 MiB) cost 0.1-0.25 of the GEMM time per call that way
+    (`benchmarks/sparse_layer.py`). On immutable arrays (JAX) the blocks are kept and
+    concatenated; both give the same numbers.
+    """
+
+    def __init__(self, rows: int, like: Any, xp: Any, writeable: bool):
+        self._xp = xp
+        self._like = like
+        self._buffer = xp.empty((rows, like.shape[1]), dtype=like.dtype, device=device_of(like)) if writeable else None
+        self._blocks: list = []
+
+    def put(self, start: int, block: Any) -> None:
+        """Rows ``[start, start + len(block))``; blocks must arrive in order, without gaps."""
+        if self._buffer is None:
+            self._blocks.append(block)
+        else:
+            self._buffer[start : start + block.shape[0], :] = block
+
+    def array(self, rows: int) -> Any:
+        """The first ``rows`` rows handed over (the buffer itself when writeable: rows after them are stale)."""
+        if self._buffer is not None:
+            return self._buffer if self._buffer.shape[0] == rows else self._buffer[:rows, :]
+        blocks, self._blocks = self._blocks, []
+        if not blocks:
+            return self._xp.zeros((0, self._like.shape[1]), dtype=self._like.dtype, device=device_of(self._like))
+        return blocks[0] if len(blocks) == 1 else self._xp.concat(blocks, axis=0)
+
+
+def _writeable(like: Any, xp: Any) -> bool:
+    """Whether arrays of this backend can be written in place (not JAX's)."""
+    return bool(is_writeable_array(xp.empty((0,), dtype=like.dtype, device=device_of(like))))
+
+
+def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFFN, apply_weight_to: str, rows: _Rows, xp: Any) -> None:
+    """Expert outputs of the kept routes in sorted order, into ``rows``; weighted only for ``"input"``."""
     width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
     max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
-    blocks = []
     for e in range(len(plan.bounds) - 1):
         start, end = plan.bounds[e], plan.bounds[e + 1]
         if end == start:
@@ -234,44 +277,35 @@ def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFF
             xs = xp.take(x, plan.token[a:b], axis=0)  # (n, d) this piece's tokens
             if apply_weight_to == "input":
                 xs = xs * plan.weight[a:b, None]
-            blocks.append(_ffn_output(xs, p, ffn, xp))  # (n, d)
+            rows.put(a, _ffn_output(xs, p, ffn, xp))  # (n, d)
             del xs  # freed before the next piece's tokens are gathered
-    return blocks
 
 
-def _combine(blocks: list, plan: _Plan, weight: Any, like: Any, xp: Any) -> Any:
-    """One array (T, width): the pieces of ``_combine_parts`` concatenated."""
-    parts = _combine_parts(blocks, plan, weight, like, xp)
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, weight: Any, xp: Any) -> None:
+    r"""$\mathrm{out}_t = \sum_j w_{tj}\, \mathrm{rows}[\mathrm{row}_{tj}]$ with a zero row appended: a gather, no scatter.
 
-
-def _combine_parts(blocks: list, plan: _Plan, weight: Any, like: Any, xp: Any) -> list:
-    r"""$\mathrm{out}_t = \sum_j w_{tj}\, \mathrm{buffer}[\mathrm{row}_{tj}]$ with a zero row appended: a gather, no scatter.
-
-    ``blocks`` (the rows in sorted order, emptied once concatenated) become one buffer; dropped
-    routes read its zero row. ``weight`` (T, k), or None for an unweighted sum. The gather runs
+    ``sorted_rows`` holds the kept routes' rows in sorted order; the zero row is put after them
+    and dropped routes read it. ``weight`` (T, k), or None for an unweighted sum. The gather runs
     over pieces of tokens: one ``take`` of their ``k`` rows each, then a ``(1, k) @ (k, width)``
-    matmul per token (the weighted sum in one pass).
+    matmul per token (the weighted sum in one pass); each piece goes to ``out`` at its tokens'
+    rows (``t_offset`` + its first token).
     """
-    width = like.shape[1]
-    zero = xp.zeros((1, width), dtype=like.dtype, device=device_of(like))
-    buffer = xp.concat(blocks + [zero], axis=0)  # (R+1, width)
-    blocks.clear()
     T, k = plan.combine_row.shape
-    if T == 0:
-        return [xp.zeros((0, width), dtype=like.dtype, device=device_of(like))]
+    R = plan.bounds[-1]
+    like = sorted_rows._like
+    width = like.shape[1]
+    sorted_rows.put(R, xp.zeros((1, width), dtype=like.dtype, device=device_of(like)))
+    buffer = sorted_rows.array(R + 1)  # (R+1, width)
     step = max(1, _COMBINE_ELEMENTS // (k * width))
-    parts = []
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
         rows = plan.combine_row[t0:t1, :]  # (n, k)
         n = t1 - t0
         gathered = xp.reshape(xp.take(buffer, xp.reshape(rows, (n * k,)), axis=0), (n, k, width))  # (n, k, width)
         if weight is None:
-            parts.append(xp.sum(gathered, axis=1))  # (n, width)
+            out.put(t_offset + t0, xp.sum(gathered, axis=1))  # (n, width)
         else:
-            parts.append(xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
-    return parts  # (n, width) pieces of the (T, width) result, in token order
+            out.put(t_offset + t0, xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,10 +383,13 @@ def dispatch_combine(
     steps 1-4 once per chunk: each output row depends on its own token's routes only, so the
     chunking does not change the mathematics (on NumPy with OpenBLAS the outputs are
     bit-identical to a single chunk's). Besides the output, the transients of a chunk of $T_c$
-    tokens and $R_c$ kept routes are the expert outputs ($R_c \times d$, one block per expert),
-    their concatenation ($(R_c + 1) \times d$), one expert's tokens and activations
-    ($n_e \times d$ and $n_e \times K$, $K = 2I$ for a fused gated FFN) at a time, and the
-    combine's small per-token pieces: $O(T_c k d + \max_e n_e K)$, reused from chunk to chunk.
+    tokens and $R_c$ kept routes are one buffer of $(R_c + 1) \times d$ expert outputs in sorted
+    order (each expert's block is written into it as soon as it is computed; allocated once per
+    call and reused by every chunk), one expert's tokens and activations ($n_e \times d$ and
+    $n_e \times K$, $K = 2I$ for a fused gated FFN) at a time, and the combine's small
+    per-token pieces, which are written into the output as they are made:
+    $O(T_c k d + \max_e n_e K)$. On immutable arrays (JAX) the expert blocks and the output
+    pieces are kept and concatenated instead, which holds the expert outputs twice for a moment.
     No $(T, E, C)$ tensor and no padded copy per expert. An expert with more than about
     $2^{22} / K$ rows of a chunk is run in equal pieces of at most that many rows.
 
@@ -378,13 +415,16 @@ def dispatch_combine(
     """
     xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
     weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
-    parts = []
-    for t0, t1 in _token_chunks(T, k, E):  # each output row depends on its own token's routes only
+    chunks = _token_chunks(T, k, E)
+    writeable = _writeable(x, xp)
+    out = _Rows(T, x, xp, writeable)  # (T, d)
+    sorted_rows = _Rows(k * max(t1 - t0 for t0, t1 in chunks) + 1, x, xp, writeable)  # (R_c + 1, d), reused by every chunk
+    for t0, t1 in chunks:  # each output row depends on its own token's routes only
         chunk = routes if (t0, t1) == (0, T) else Routes(*(a[t0:t1, :] for a in routes))
         plan = _plan(chunk, E, xp)
-        blocks = _expert_outputs(x[t0:t1, :], plan, experts, ffn, apply_weight_to, xp)  # pieces (n, d), sorted order
-        parts += _combine_parts(blocks, plan, None if weight is None else weight[t0:t1, :], x, xp)
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)  # (T, d)
+        _expert_outputs(x[t0:t1, :], plan, experts, ffn, apply_weight_to, sorted_rows, xp)
+        _combine_into(out, t0, sorted_rows, plan, None if weight is None else weight[t0:t1, :], xp)
+    return out.array(T)  # (T, d)
 
 
 def dispatch_combine_vjp(
@@ -440,7 +480,9 @@ def dispatch_combine_vjp(
     if check_finite:
         check_all_finite(cotangent, "cotangent")
     plan = _plan(routes, E, xp)
-    x_blocks, w_blocks = [], []
+    writeable = _writeable(x, xp)
+    x_rows = _Rows(plan.bounds[E] + 1, x, xp, writeable)  # (R+1, d) per-route cotangents of the expert inputs
+    w_blocks = []
     per_expert: list[ExpertFFNParams | None] = [None] * E
     for e in range(E):
         start, end = plan.bounds[e], plan.bounds[e + 1]
@@ -456,13 +498,15 @@ def dispatch_combine_vjp(
             _, cache = _ffn_forward(xin, p, ffn, xp)
             xin_bar, per_expert[e] = _ffn_backward(xin, p, ffn, cache, ct, xp)  # (n_e, d)
             w_blocks.append(xp.vecdot(xin_bar, xs, axis=-1))  # (n_e,)
-            x_blocks.append(xin_bar * w)
+            x_rows.put(start, xin_bar * w)
         else:
             xs_bar, w_bar_e, per_expert[e] = _weighted_ffn_vjp(xs, p, ffn, ct, w, xp)  # (n_e, d), (n_e,)
             w_blocks.append(w_bar_e)
-            x_blocks.append(xs_bar)
+            x_rows.put(start, xs_bar)
         del xs, ct
-    x_bar = _combine(x_blocks, plan, None, x, xp)  # (T, d)
+    x_bar = _Rows(T, x, xp, writeable)
+    _combine_into(x_bar, 0, x_rows, plan, None, xp)
+    x_bar = x_bar.array(T)  # (T, d)
     w_rows = xp.concat(w_blocks + [xp.zeros((1,), dtype=x.dtype, device=device_of(x))], axis=0)  # (R+1,)
     w_bar = xp.reshape(xp.take(w_rows, xp.reshape(plan.combine_row, (T * k,)), axis=0), (T, k))  # (T, k)
     return DispatchCombineGrads(
