@@ -417,7 +417,10 @@ def _silu_times(g: Any, v: Any, beta: float, xp: Any) -> Any:
     very negative $g$ and is slower in float64; $g\,\sigma(\beta g)\, v$ through the two-branch
     [`core.sigmoid`][moeref.core.sigmoid] takes twice the passes.
     """
-    return (g * v) / (_exp_neg(g, beta, xp) + 1.0)
+    t = _exp_neg(g, beta, xp) + 1.0
+    z = g * v
+    z /= t  # in place into the fresh product: one (n, I) temporary fewer (autograd-safe: the product saved nothing of itself)
+    return z
 
 
 def _glu(g: Any, u: Any, ffn: ExpertFFN, xp: Any) -> Any:
