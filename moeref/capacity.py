@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from .core import device_of, _inverse_permutation
+from .core import device_of, _inverse_permutation, _stable_argsort_small_ints
 from .routes import Routes, check_routes
 from .validation import (
     check_arrays,
@@ -517,7 +517,7 @@ def apply_capacity(
     dead = xp.zeros((N,), dtype=xp.int64, device=dev) if options.dropped_routes_take_slots else xp.astype(~live, xp.int64)
     segment = (group * E + expert) * 2 + dead  # (N,)
     seg_in_priority = xp.take(segment, pre_order, axis=0)
-    order = xp.take(pre_order, xp.astype(xp.argsort(seg_in_priority, stable=True), xp.int64), axis=0)  # (N,)
+    order = xp.take(pre_order, _stable_argsort_small_ints(seg_in_priority, 2 * G * E), axis=0)  # (N,)
     sorted_seg = xp.take(segment, order, axis=0)  # (N,) ascending
     seg_start = xp.searchsorted(sorted_seg, (sorted_seg // 2) * 2, side="left")  # first route of (group, expert)
     slot_sorted = xp.arange(N, dtype=xp.int64, device=dev) - xp.astype(seg_start, xp.int64)  # (N,)

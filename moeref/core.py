@@ -368,8 +368,19 @@ def top_k(x: Any, k: int, /, *, axis: int = -1) -> tuple[Any, Any]:
 def _top_k(x: Any, k: int, axis: int, xp: Any) -> tuple[Any, Any]:
     # negation does not order booleans or unsigned integers: sort a signed copy of those
     signed = xp.isdtype(x.dtype, ("real floating", "signed integer"))
-    key = x if signed else xp.astype(x, xp.int64)
-    order = xp.argsort(-key, axis=axis, stable=True)
+    key = -(x if signed else xp.astype(x, xp.int64))
+    # An unstable sort (3-5x faster than a stable one on NumPy) gives the stable sort's first k
+    # whenever the k + 1 smallest keys of every row are strictly increasing: then neither the
+    # chosen set nor its order depends on how ties are broken. A tie (or a NaN) there, or a
+    # traced value, falls back to the stable sort, which applies the lower-index rule.
+    m = min(k + 1, x.shape[axis])
+    order = xp.argsort(key, axis=axis, stable=False)
+    first = _take_along_axis(key, _slice_axis(order, m, axis), axis)  # (..., m, ...) ascending
+    index = [slice(None)] * x.ndim
+    lower, upper = list(index), list(index)
+    lower[axis], upper[axis] = slice(0, m - 1), slice(1, m)
+    if _validation.concrete_bool(xp.all(first[tuple(lower)] < first[tuple(upper)])) is not True:
+        order = xp.argsort(key, axis=axis, stable=True)
     idx = xp.astype(_slice_axis(order, k, axis), xp.int64)
     return xp.take_along_axis(x, idx, axis=axis), idx
 
@@ -428,7 +439,21 @@ def inverse_permutation(perm: Any, /) -> Any:
 def _inverse_permutation(perm: Any) -> Any:
     """[`inverse_permutation`][moeref.core.inverse_permutation] without the permutation check (internal hot paths)."""
     xp = array_namespace(perm)
-    return xp.astype(xp.argsort(perm, axis=-1, stable=True), xp.int64)
+    return xp.astype(xp.argsort(perm, axis=-1, stable=False), xp.int64)  # distinct keys: every sort agrees
+
+
+def _stable_argsort_small_ints(key: Any, bound: int) -> Any:
+    """``argsort(key, stable=True)`` of a 1-D integer array with entries in ``[0, bound)`` (int64).
+
+    Computed as an unstable sort of the distinct keys ``key * n + i``, whose order is exactly the
+    stable order of ``key`` (3-4x faster on NumPy, which sorts 64-bit integers stably by merging).
+    """
+    xp = array_namespace(key)
+    n = key.shape[0]
+    if n == 0 or bound * n >= 2**62:
+        return xp.astype(xp.argsort(key, stable=True), xp.int64)
+    unique = xp.astype(key, xp.int64) * n + xp.arange(n, dtype=xp.int64, device=device_of(key))
+    return xp.astype(xp.argsort(unique, stable=False), xp.int64)
 
 
 def segment_sum(values: Any, segment_ids: Any, num_segments: int, /) -> Any:

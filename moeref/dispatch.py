@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import is_writeable_array
 
-from .core import array_namespace, device_of, _inverse_permutation, one_hot
+from .core import array_namespace, device_of, _inverse_permutation, _stable_argsort_small_ints, one_hot
 from .expert_ffn import (
     ExpertFFN,
     ExpertFFNParams,
@@ -175,7 +175,7 @@ def _plan(routes: Routes, E: int, xp: Any) -> _Plan:
     e = xp.reshape(xp.astype(routes.expert_index, xp.int64), (n,))  # (T*k,) flat route t*k + j
     kept = xp.reshape(routes.kept, (n,))  # (T*k,)
     key = xp.where(kept, e, xp.full_like(e, E))  # (T*k,) dropped routes get key E: sorted to the end
-    order = xp.astype(xp.argsort(key, stable=True), xp.int64)  # (T*k,) sorted row -> flat route
+    order = _stable_argsort_small_ints(key, E + 1)  # (T*k,) sorted row -> flat route
     edges = xp.searchsorted(xp.take(key, order, axis=0), xp.arange(E + 1, dtype=xp.int64, device=dev), side="left")  # (E+1,)
     bounds = [int(edges[i]) for i in range(E + 1)]
     R = bounds[E]  # number of kept routes

@@ -108,6 +108,33 @@ def test_top_k_matches_a_stable_numpy_reference_property(x, k):
     np.testing.assert_array_equal(np.asarray(idx), ref)
 
 
+@given(
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 9)),
+               elements=st.one_of(st.integers(-4, 4).map(float), st.floats(-1e3, 1e3), st.sampled_from([-np.inf, np.inf]))),
+    st.integers(1, 9), st.sampled_from([0, -1]),
+)
+def test_top_k_fast_path_equals_the_stable_sort_property(x, k, axis):
+    """The unstable sort with its tie check gives exactly the stable sort's first k (rows with and
+    without ties, infinities, along either axis)."""
+    k = min(k, x.shape[axis])
+    vals, idx = core.top_k(x, k, axis=axis)
+    ref = np.take(np.argsort(-x, axis=axis, kind="stable"), np.arange(k), axis=axis)
+    np.testing.assert_array_equal(np.asarray(idx), ref)
+    np.testing.assert_array_equal(vals, np.take_along_axis(x, ref, axis=axis))
+
+
+def test_top_k_with_nan_falls_back_to_the_stable_sort():
+    x = np.array([[np.nan, 1.0, np.nan, 2.0], [3.0, np.nan, np.nan, np.nan]])
+    _, idx = core.top_k(x, 3)
+    np.testing.assert_array_equal(idx, np.argsort(-x, axis=-1, kind="stable")[:, :3])
+
+
+@given(st.lists(st.integers(0, 6), max_size=60))
+def test_stable_argsort_of_small_ints_is_the_stable_sort_property(keys):
+    key = np.array(keys, dtype=np.int64)
+    np.testing.assert_array_equal(core._stable_argsort_small_ints(key, 7), np.argsort(key, kind="stable"))
+
+
 def test_one_hot_and_take_along_axis(backend):
     idx = backend.from_numpy(np.array([[2, 0], [1, 1]], dtype=np.int64))
     xp = backend.namespace()
