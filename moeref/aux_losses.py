@@ -1071,19 +1071,24 @@ def _check_options(options: Any) -> LoadBalancingLossOptions:
     return options
 
 
-def _route_counts(index: Any, kept: Any, num_experts: int, options: LoadBalancingLossOptions, dtype: Any) -> Any:
-    """$c_{ti}$, how much token $t$ counts towards expert $i$'s fraction (T, E)."""
+def _weighted_route_counts(index: Any, kept: Any, num_experts: int, options: LoadBalancingLossOptions, token_weight: Any) -> Any:
+    r"""$\sum_s \omega_{gs}\, c_{gsi}$ (G, E): the per-token counts $c_{ti}$ (how much token $t$
+    counts towards expert $i$) summed over each group's tokens with weights ``token_weight``
+    $\omega$ (G, S, 1).
+
+    One batched product per call, $(1 \times S r)(S r \times E)$ per group with the one-hot rows of
+    the $r$ counted routes of its tokens, instead of one $(T, E)$ one-hot array per rank.
+    """
     xp = array_namespace(index)
+    G, S, _ = token_weight.shape
     T, k = index.shape
     ranks = 1 if options.fraction == "top1" else k
     per_route = 1.0 / k if options.fraction == "all_routes_over_k" else 1.0
-    counts = xp.zeros((T, num_experts), dtype=dtype, device=device_of(index))
-    for j in range(ranks):  # loop over ranks
-        c = one_hot(index[:, j], num_experts, dtype=dtype)  # (T, E)
-        if kept is not None and not options.count_dropped_routes:
-            c = c * xp.astype(kept[:, j : j + 1], dtype)
-        counts = counts + per_route * c
-    return counts
+    value = xp.broadcast_to(per_route * token_weight, (G, S, ranks))  # (G, S, r)
+    if kept is not None and not options.count_dropped_routes:
+        value = value * xp.reshape(xp.astype(kept[:, :ranks], token_weight.dtype), (G, S, ranks))
+    hot = one_hot(xp.reshape(index[:, :ranks], (G, S * ranks)), num_experts, dtype=token_weight.dtype)  # (G, S r, E)
+    return xp.matmul(xp.reshape(value, (G, 1, S * ranks)), hot)[:, 0, :]  # (G, E)
 
 
 class _Balance(NamedTuple):
@@ -1100,7 +1105,6 @@ def _balance_forward(logits: Any, index: Any, kept: Any, mask: Any, options: Loa
     S = T if options.group_size is None else options.group_size
     G = T // S
     probs = softmax(logits, axis=-1)  # (T, E)
-    counts = xp.reshape(_route_counts(index, kept, E, options, logits.dtype), (G, S, E))  # (G, S, E)
     if mask is None:
         m = xp.ones((G, S, 1), dtype=logits.dtype, device=device_of(logits))
     else:
@@ -1114,7 +1118,7 @@ def _balance_forward(logits: Any, index: Any, kept: Any, mask: Any, options: Loa
     ones = xp.ones_like(m)
     count_weight = (ones if mask is not None and options.mask_mode == "probs_only" else m) / denom  # (G, S, 1)
     prob_weight = (ones if mask is not None and options.mask_mode == "counts_only" else m) / denom  # (G, S, 1)
-    fraction = xp.sum(counts * count_weight, axis=1)  # (G, E)
+    fraction = _weighted_route_counts(index, kept, E, options, count_weight)  # (G, E)
     mean_prob = xp.sum(xp.reshape(probs, (G, S, E)) * prob_weight, axis=1)  # (G, E)
     scale = float(E) if options.scale == "num_experts" else 1.0 / E
     return _Balance(probs, fraction, mean_prob, prob_weight, scale)
@@ -1486,8 +1490,8 @@ def _sequence_forward(logits: Any, index: Any, options: SequenceBalanceLossOptio
         scores = sigmoid(logits)  # (T, E)  0 where a logit is -inf
         total = xp.sum(scores, axis=-1, keepdims=True)  # (T, 1)
         normalized = scores / xp.where(total > 0, total, xp.ones_like(total))  # (T, E)
-    counts = _route_counts(index, None, E, LoadBalancingLossOptions(fraction="all_routes"), logits.dtype)  # (T, E)
-    fraction = (E / (k * S)) * xp.sum(xp.reshape(counts, (B, S, E)), axis=1)  # (B, E)
+    ones = xp.ones((B, S, 1), dtype=logits.dtype, device=device_of(logits))
+    fraction = (E / (k * S)) * _weighted_route_counts(index, None, E, LoadBalancingLossOptions(fraction="all_routes"), ones)  # (B, E)
     mean_score = xp.sum(xp.reshape(normalized, (B, S, E)), axis=1) / S  # (B, E)
     return _Sequence(scores, total, normalized, fraction, mean_score)
 
