@@ -195,7 +195,7 @@ _BLOCK_ELEMENTS = 1 << 22  # expert rows per piece: at most about this many hidd
 _MIN_BLOCK_ROWS = 256
 _COMBINE_ELEMENTS = 1 << 17  # tokens per combine piece: about this many gathered numbers (tokens x k x d)
 _EXPERT_ROWS_PER_CHUNK = 512  # forward token chunks: about this many rows per expert on average (T_c k / E)
-_MIN_CHUNK_TOKENS = 256  # ... and at most half the call's tokens, but not fewer than this
+_MIN_CHUNK_TOKENS = 256  # ... but not fewer than this
 
 
 def _pieces(start: int, end: int, max_rows: int) -> list[tuple[int, int]]:
@@ -207,18 +207,17 @@ def _pieces(start: int, end: int, max_rows: int) -> list[tuple[int, int]]:
 
 
 def _token_chunks(T: int, k: int, E: int) -> list[tuple[int, int]]:
-    """The forward's token chunks: equal pieces of about ``_EXPERT_ROWS_PER_CHUNK * E / k`` tokens,
-    and at most half the call (but not under ``_MIN_CHUNK_TOKENS``).
+    """The forward's token chunks: equal pieces of about ``_EXPERT_ROWS_PER_CHUNK * E / k`` tokens
+    (not under ``_MIN_CHUNK_TOKENS``).
 
-    A chunk's buffers (its routed rows, their expert outputs, their concatenation) are $1/n$ of
-    the whole call's, so they are reused from one chunk to the next instead of being mapped and
-    page-faulted at full size, while every expert still gets enough rows for full-speed matmuls;
-    two chunks at least keep the transient memory near $Tkd$ instead of $2Tkd$. Measured on the
-    benchmark workloads (2 cores, float32): 1.47 -> 1.29 of the GEMM bound at A and 1.55 -> 1.44
-    at C; at B ($k = 8$, $E = 64$) two chunks instead of one change the time by less than the
-    noise (1.60 and 1.61) and halve the buffers.
+    Every expert gets about 512 rows of a chunk, enough for full-speed matmuls, while a chunk's
+    sorted rows stay $1/n$ of the call's routed activations; an expert's temporaries are sized by
+    its rows in the chunk, so they stay small too. Measured on the benchmark workloads (2 cores,
+    float32, interleaved rounds against the GEMM bound): at C ($T = 16384$, four chunks) 1.31
+    against 1.41 for one chunk; at A (two chunks) no difference; at B ($k = 8$, $E = 64$: one
+    chunk of 4096 tokens) one chunk was 0.03-0.07 faster than two in float32 and float64.
     """
-    size = min(-(-_EXPERT_ROWS_PER_CHUNK * E // max(k, 1)), max(_MIN_CHUNK_TOKENS, -(-T // 2)))
+    size = max(_MIN_CHUNK_TOKENS, -(-_EXPERT_ROWS_PER_CHUNK * E // max(k, 1)))
     return [(0, T)] if size >= T else _pieces(0, T, size)
 
 
@@ -378,8 +377,7 @@ def dispatch_combine(
     Notes
     -----
     **Memory.** The tokens are processed in consecutive chunks of about $512\,E / k$ tokens (each
-    expert gets about 512 rows of a chunk on average), at most half the call's tokens (but not
-    fewer than 256; a call of up to 256 tokens is one chunk),
+    expert gets about 512 rows of a chunk on average; not fewer than 256 tokens),
     steps 1-4 once per chunk: each output row depends on its own token's routes only, so the
     chunking does not change the mathematics (on NumPy with OpenBLAS the outputs are
     bit-identical to a single chunk's). Besides the output, the transients of a chunk of $T_c$

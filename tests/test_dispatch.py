@@ -271,7 +271,9 @@ def test_written_buffers_equal_concatenation_bit_for_bit(apply_weight_to, rng, t
 
 @given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 64), st.integers(1, 8), st.integers(0, 2**31 - 1))
 def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_elements, chunk_rows, seed):
-    assert dispatch_module._token_chunks(4096, 8, 64) == [(0, 2048), (2048, 4096)]  # at most half the call
+    assert dispatch_module._token_chunks(4096, 8, 64) == [(0, 4096)]  # about 512 rows per expert
+    assert dispatch_module._token_chunks(8192, 8, 64) == [(0, 4096), (4096, 8192)]
+    assert dispatch_module._token_chunks(4096, 2, 8) == [(0, 2048), (2048, 4096)]
     assert dispatch_module._token_chunks(16384, 4, 32) == [(0, 4096), (4096, 8192), (8192, 12288), (12288, 16384)]
     assert dispatch_module._token_chunks(200, 2, 8) == [(0, 200)]
     rng = np.random.default_rng(seed)
