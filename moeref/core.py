@@ -368,9 +368,11 @@ def top_k(x: Any, k: int, /, *, axis: int = -1) -> tuple[Any, Any]:
     """The ``k`` largest entries along ``axis`` and their indices, in descending order.
 
     **Tie rule: the lower index wins.** Among equal values the entry with the smaller index comes
-    first (and is kept when the tie straddles position ``k``). Built on a stable ascending sort of
-    ``-x``, so the order is the same on every backend. Indices are int64. Integer and boolean
-    arrays are ordered too (``True > False``).
+    first (and is kept when the tie straddles position ``k``). The result is that of a stable
+    ascending sort of ``-x``, so the order is the same on every backend: an unstable sort is used
+    when the ``k + 1`` largest entries of every row are distinct (then every sort agrees), the
+    stable sort otherwise. Indices are int64. Integer and boolean arrays are ordered too
+    (``True > False``).
 
     Returns
     -------
