@@ -1077,7 +1077,9 @@ def _weighted_route_counts(index: Any, kept: Any, num_experts: int, options: Loa
     $\omega$ (G, S, 1).
 
     One batched product per call, $(1 \times S r)(S r \times E)$ per group with the one-hot rows of
-    the $r$ counted routes of its tokens, instead of one $(T, E)$ one-hot array per rank.
+    the $r$ counted routes of its tokens (gathered from the identity: one copy per route instead of a
+    comparison and a conversion per route and expert), instead of one $(T, E)$ one-hot array per rank.
+    ``index`` must lie in $[0, E)$ (checked by the callers).
     """
     xp = array_namespace(index)
     G, S, _ = token_weight.shape
@@ -1087,7 +1089,8 @@ def _weighted_route_counts(index: Any, kept: Any, num_experts: int, options: Loa
     value = xp.broadcast_to(per_route * token_weight, (G, S, ranks))  # (G, S, r)
     if kept is not None and not options.count_dropped_routes:
         value = value * xp.reshape(xp.astype(kept[:, :ranks], token_weight.dtype), (G, S, ranks))
-    hot = one_hot(xp.reshape(index[:, :ranks], (G, S * ranks)), num_experts, dtype=token_weight.dtype)  # (G, S r, E)
+    eye = xp.eye(num_experts, dtype=token_weight.dtype, device=device_of(token_weight))  # (E, E)
+    hot = xp.reshape(xp.take(eye, xp.reshape(index[:, :ranks], (G * S * ranks,)), axis=0), (G, S * ranks, num_experts))  # (G, S r, E) one-hot rows, gathered
     return xp.matmul(xp.reshape(value, (G, 1, S * ranks)), hot)[:, 0, :]  # (G, E)
 
 
