@@ -40,7 +40,6 @@ import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
 import pstats  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -177,13 +176,10 @@ def softmax_gate_only(data: dict, args: argparse.Namespace, env: dict, started: 
             f"{k}={v['ratio']:.2f} [{v['ratio_min']:.2f},{v['ratio_max']:.2f}]" for k, v in cell["candidates"].items() if k != "wls"
         ) + f" | gate M-step peak {min(peaks) / 2**20:.1f} MiB", flush=True)
     if args.out is not None:
-        doc = {
-            "benchmark": "softmax-gated EM iteration (K=8 linear experts) vs its weighted least-squares solves; gate M-step memory",
-            "command": "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/em_iteration.py " + " ".join(sys.argv[1:]),
-            "rounds": args.rounds, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": {**env, "load_average_at_end": harness.environment()["load_average"]},
-            "cells": cells,
-        }
+        doc = harness.run_record(
+            "softmax-gated EM iteration (K=8 linear experts) vs its weighted least-squares solves; gate M-step memory",
+            "em_iteration.py", started, env, rounds=args.rounds, cells=cells,
+        )
         print(f"wrote {harness.write_results(doc, 'em_iteration_softmax', args.out)}")
 
 
@@ -229,15 +225,10 @@ def main() -> None:
         with harness.threads(cell["threads"]):
             print(f"{cell['threads']} thread(s):")
             cell["growth"] = growth([int(s) for s in args.sizes.split(",")], args.seed)
-    doc = {
-        "benchmark": "classical EM iteration (K=8 mixture of linear experts) vs its weighted least-squares solves; growth in n",
-        "command": "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/em_iteration.py " + " ".join(sys.argv[1:]),
-        "rounds": args.rounds,
-        "started": started,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": {**env, "load_average_at_end": harness.environment()["load_average"]},
-        "cells": cells,
-    }
+    doc = harness.run_record(
+        "classical EM iteration (K=8 mixture of linear experts) vs its weighted least-squares solves; growth in n",
+        "em_iteration.py", started, env, rounds=args.rounds, cells=cells,
+    )
     path = harness.write_results(doc, "em_iteration", args.out)
     print(f"wrote {path}")
 

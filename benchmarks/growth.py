@@ -22,7 +22,6 @@ import harness  # noqa: F401  (first: re-executes without the OpenBLAS tuning va
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -82,15 +81,8 @@ def main() -> None:
                 print(f"{threads}t {dt:<7} layer C/A {layer['median']:.2f}x [{layer['min']:.2f},{layer['max']:.2f}]  "
                       f"bound C/A {gemm['median']:.2f}x [{gemm['min']:.2f},{gemm['max']:.2f}]  "
                       f"layer over bound {row['layer_growth_over_bound_growth']['median']:.2f}  ({flops:.0f}x the FLOPs)", flush=True)
-    doc = {
-        "benchmark": "growth A -> C (8x the FLOPs), A and C interleaved in the same rounds",
-        "command": "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/growth.py " + " ".join(sys.argv[1:]),
-        "rounds": args.rounds,
-        "started": started,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": {**harness.environment(), "load_average": env["load_average"], "load_average_at_end": harness.environment()["load_average"]},
-        "rows": rows,
-    }
+    doc = harness.run_record("growth A -> C (8x the FLOPs), A and C interleaved in the same rounds", "growth.py", started, env,
+                             rounds=args.rounds, rows=rows)
     print(f"wrote {harness.write_results(doc, 'growth', args.out)}")
 
 

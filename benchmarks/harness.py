@@ -201,6 +201,20 @@ def transient_peak_bytes(f: Callable[[], Any], *, repeats: int = 3) -> list[int]
 # --------------------------------------------------------------------------------------------
 
 
+def run_record(benchmark: str, script: str, started: str, env: dict, **fields: Any) -> dict:
+    """The common head of a results file: what ran, the command that reruns it, when, and on what
+    (``env`` taken at the start; the load average is read again at the end)."""
+    return {
+        "benchmark": benchmark,
+        "command": f"env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        **{k: v for k, v in fields.items() if k in ("quick", "rounds")},
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": {**env, "load_average_at_end": environment()["load_average"]},
+        **{k: v for k, v in fields.items() if k not in ("quick", "rounds")},
+    }
+
+
 def write_results(doc: dict, name: str, out: Path | None = None) -> Path:
     """Write ``doc`` as JSON to ``out`` (default ``benchmarks/results/<name>-<timestamp>.json``) and to ``<name>-latest.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import harness  # noqa: F401  (first: re-executes without the OpenBLAS tuning variables)
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
@@ -319,17 +318,10 @@ def main() -> None:
                     cell["threads"] = threads
                     cells.append(cell)
                     print_cell(threads, cell)
-    doc = {
-        "benchmark": "sparse token-choice layer (mixtral preset) vs GEMM bound, HF Mixtral block, memory",
-        "command": "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/sparse_layer.py " + " ".join(sys.argv[1:]),
-        "quick": args.quick,
-        "rounds": args.rounds,
-        "started": started,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": {**harness.environment(), "load_average": env["load_average"], "load_average_at_end": harness.environment()["load_average"]},
-        "cells": cells,
-        "growth": growth(cells),
-    }
+    doc = harness.run_record(
+        "sparse token-choice layer (mixtral preset) vs GEMM bound, HF Mixtral block, memory", "sparse_layer.py", started,
+        {**harness.environment(), "load_average": env["load_average"]}, quick=args.quick, rounds=args.rounds, cells=cells, growth=growth(cells),
+    )
     name = "sparse_layer-quick" if args.quick else "sparse_layer"
     path = harness.write_results(doc, name, args.out)
     for g in doc["growth"]:
