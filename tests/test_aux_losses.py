@@ -31,7 +31,6 @@ from moeref.aux_losses import (
     SequenceBalanceLossOptions,
     ShazeerLossOptions,
 )
-from moeref.core import top_k
 from moeref.routes import Routes
 from conftest import assert_close
 from helpers import assert_vjp_correct

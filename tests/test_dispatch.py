@@ -14,7 +14,7 @@ from moeref.dispatch import (
     dispatch_combine,
     dispatch_combine_vjp,
 )
-from moeref.expert_ffn import GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN, ExpertFFNParams
+from moeref.expert_ffn import GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN
 from moeref.routes import Routes
 from conftest import assert_close
 from helpers import assert_vjp_correct, leaves

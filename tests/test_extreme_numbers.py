@@ -21,7 +21,7 @@ from moeref.aux_losses import HF_MIXTRAL, load_balancing_loss, load_balancing_lo
 from moeref.capacity import CapacityOptions, apply_capacity
 from moeref.em import CollapsedVarianceError
 from moeref.experts import LinearExpertsParams
-from moeref.expert_ffn import RELU_FFN, ExpertFFNParams
+from moeref.expert_ffn import ExpertFFNParams
 from moeref.gates import LinearSoftmaxGateParams, linear_softmax_gate, linear_softmax_gate_vjp, log_linear_softmax_gate
 from moeref.local_experts import (
     LinearLocalExpertsParams,
