@@ -83,6 +83,7 @@ def environment() -> dict:
         "blas": blas_info(),
         "openblas_env_removed": [v for v in BLAS_VARS],
         "openblas_env_present": {v: os.environ[v] for v in BLAS_VARS if v in os.environ},
+        "malloc_env": {v: os.environ[v] for v in sorted(os.environ) if v.startswith("MALLOC_") or v == "LD_PRELOAD"},
     }
     for name in ("torch", "transformers", "scipy"):
         mod = sys.modules.get(name)
