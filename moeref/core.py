@@ -397,10 +397,7 @@ def _top_k(x: Any, k: int, axis: int, xp: Any) -> tuple[Any, Any]:
     m = min(k + 1, x.shape[axis])
     order = xp.argsort(key, axis=axis, stable=False)
     first = _take_along_axis(key, _slice_axis(order, m, axis), axis)  # (..., m, ...) ascending
-    index = [slice(None)] * x.ndim
-    lower, upper = list(index), list(index)
-    lower[axis], upper[axis] = slice(0, m - 1), slice(1, m)
-    if _validation.concrete_bool(xp.all(first[tuple(lower)] < first[tuple(upper)])) is not True:
+    if _validation.concrete_bool(xp.all(_slice_axis(first, m - 1, axis) < _slice_axis(first, m, axis, start=1))) is not True:
         order = xp.argsort(key, axis=axis, stable=True)
     idx = xp.astype(_slice_axis(order, k, axis), xp.int64)
     return xp.take_along_axis(x, idx, axis=axis), idx
@@ -413,9 +410,10 @@ def argmax(x: Any, /, *, axis: int = -1) -> Any:
     return xp.squeeze(idx, axis=axis)
 
 
-def _slice_axis(x: Any, k: int, axis: int) -> Any:
+def _slice_axis(x: Any, k: int, axis: int, start: int = 0) -> Any:
+    """Entries ``start .. k - 1`` of ``x`` along ``axis``."""
     index = [slice(None)] * x.ndim
-    index[axis] = slice(0, k)
+    index[axis] = slice(start, k)
     return x[tuple(index)]
 
 

@@ -235,10 +235,10 @@ class _Rows:
     concatenated; both give the same numbers.
     """
 
-    def __init__(self, rows: int, like: Any, xp: Any, writeable: bool):
+    def __init__(self, rows: int, like: Any, xp: Any):
         self._xp = xp
         self._like = like
-        self._buffer = xp.empty((rows, like.shape[1]), dtype=like.dtype, device=device_of(like)) if writeable else None
+        self._buffer = xp.empty((rows, like.shape[1]), dtype=like.dtype, device=device_of(like)) if _writeable(like, xp) else None
         self._blocks: list = []
 
     def put(self, start: int, block: Any) -> None:
@@ -256,6 +256,12 @@ class _Rows:
         if not blocks:
             return self._xp.zeros((0, self._like.shape[1]), dtype=self._like.dtype, device=device_of(self._like))
         return blocks[0] if len(blocks) == 1 else self._xp.concat(blocks, axis=0)
+
+    def with_zero_row(self, rows: int) -> Any:
+        """``array(rows + 1)`` after a zero row has been put at ``rows`` (the row dropped routes read)."""
+        zero = self._xp.zeros((1, self._like.shape[1]), dtype=self._like.dtype, device=device_of(self._like))
+        self.put(rows, zero)
+        return self.array(rows + 1)
 
 
 def _writeable(like: Any, xp: Any) -> bool:
@@ -290,11 +296,8 @@ def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, we
     rows (``t_offset`` + its first token).
     """
     T, k = plan.combine_row.shape
-    R = plan.bounds[-1]
-    like = sorted_rows._like
-    width = like.shape[1]
-    sorted_rows.put(R, xp.zeros((1, width), dtype=like.dtype, device=device_of(like)))
-    buffer = sorted_rows.array(R + 1)  # (R+1, width)
+    buffer = sorted_rows.with_zero_row(plan.bounds[-1])  # (R+1, width)
+    width = buffer.shape[1]
     step = max(1, _COMBINE_ELEMENTS // (k * width))
     for t0 in range(0, T, step):
         t1 = min(t0 + step, T)
@@ -414,9 +417,8 @@ def dispatch_combine(
     xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
     weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
     chunks = _token_chunks(T, k, E)
-    writeable = _writeable(x, xp)
-    out = _Rows(T, x, xp, writeable)  # (T, d)
-    sorted_rows = _Rows(k * max(t1 - t0 for t0, t1 in chunks) + 1, x, xp, writeable)  # (R_c + 1, d), reused by every chunk
+    out = _Rows(T, x, xp)  # (T, d)
+    sorted_rows = _Rows(k * max(t1 - t0 for t0, t1 in chunks) + 1, x, xp)  # (R_c + 1, d), reused by every chunk
     for t0, t1 in chunks:  # each output row depends on its own token's routes only
         chunk = routes if (t0, t1) == (0, T) else Routes(*(a[t0:t1, :] for a in routes))
         plan = _plan(chunk, E, xp)
@@ -478,8 +480,7 @@ def dispatch_combine_vjp(
     if check_finite:
         check_all_finite(cotangent, "cotangent")
     plan = _plan(routes, E, xp)
-    writeable = _writeable(x, xp)
-    x_rows = _Rows(plan.bounds[E] + 1, x, xp, writeable)  # (R+1, d) per-route cotangents of the expert inputs
+    x_rows = _Rows(plan.bounds[E] + 1, x, xp)  # (R+1, d) per-route cotangents of the expert inputs
     w_blocks = []
     per_expert: list[ExpertFFNParams | None] = [None] * E
     for e in range(E):
@@ -502,7 +503,7 @@ def dispatch_combine_vjp(
             w_blocks.append(w_bar_e)
             x_rows.put(start, xs_bar)
         del xs, ct
-    x_bar = _Rows(T, x, xp, writeable)
+    x_bar = _Rows(T, x, xp)
     _combine_into(x_bar, 0, x_rows, plan, None, xp)
     x_bar = x_bar.array(T)  # (T, d)
     w_rows = xp.concat(w_blocks + [xp.zeros((1,), dtype=x.dtype, device=device_of(x))], axis=0)  # (R+1,)

@@ -205,7 +205,7 @@ _SUM_CHECK_MIN_SIZE = 1 << 14
 def _sum_proves_finite(x: Any, xp: Any) -> bool:
     """True when the column sums of ``x`` (a float32 / float64 array) are finite, which proves
     every entry finite: NaN and infinities propagate through a sum. The sums are one
-    matrix-vector product with ones: a single read of ``x`` through the BLAS (multi-threaded),
+    matrix-vector product: a single read of ``x`` through the BLAS (multi-threaded),
     2-4x cheaper than ``isfinite`` + ``all``, which writes a mask as large as ``x``. The rows are
     weighted by $1/(2n)$, so a sum of finite entries cannot overflow (no spurious overflow warning,
     no fallback to the elementwise test for large finite values). False when some sum is not
