@@ -293,6 +293,32 @@ def test_piece_sizes_do_not_change_the_result_property(T, k, min_rows, combine_e
     assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 9), st.integers(1, 8), st.sampled_from(["output", "input"]),
+       st.integers(0, 2**31 - 1))
+def test_vjp_piece_sizes_do_not_change_the_cotangents_property(T, k, min_rows, chunk_rows, apply_weight_to, seed):
+    """The VJP's token chunks and expert pieces only regroup the sums over a token's routes and an
+    expert's tokens: every cotangent equals the one-piece result to round-off, and an expert
+    without tokens still gets zeros."""
+    rng = np.random.default_rng(seed)
+    E, d, I = 4, 3, 2
+    routes, x = make_routes(rng, T, k, E, drop=0.25, skip_expert=E - 1), rng.normal(size=(T, d))
+    p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, bias=True, scale=6.0)
+    ct = rng.normal(size=(T, d))
+    want = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
+    names = ("_BLOCK_ELEMENTS", "_MIN_BLOCK_ROWS", "_EXPERT_ROWS_PER_CHUNK", "_MIN_CHUNK_TOKENS")
+    saved = [getattr(dispatch_module, n) for n in names]
+    try:
+        for n, v in zip(names, (1, min_rows, chunk_rows, 1)):
+            setattr(dispatch_module, n, v)
+        got = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
+    finally:
+        for n, v in zip(names, saved):
+            setattr(dispatch_module, n, v)
+    for a, b in zip(leaves(got), leaves(want)):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not np.any(got.experts.w_in[E - 1]) and not np.any(got.experts.b_out[E - 1])
+
+
 def test_check_finite_false_skips_the_check_but_dropped_routes_still_count_zero(rng, small):
     x, routes, d, I, E = small
     p = make_params(rng, E, d, I, SWIGLU)
