@@ -27,6 +27,10 @@ in float32 and float64, with the BLAS (and torch) thread pools limited to 2 and 
 * ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (eager expert loop, ``torch.no_grad()``) and
   ``layer_torch``: ``sparse_moe_layer`` on torch CPU tensors, same weights, same threads; ratio
   ``layer_torch / hf_mixtral``.
+* with ``--expert-threads``, at more than one thread: ``layer_threads``, ``dispatch_threads``,
+  ``layer_vjp_threads``, ``dispatch_vjp_threads``: the same calls inside
+  ``moeref.backends.threads.expert_threads(threads)`` (the experts on that many Python threads, one
+  BLAS thread each), against the same references.
 
 Memory: the peak of NumPy allocations (tracemalloc) during one ``layer`` / ``dispatch`` call above the
 level before it, output included, in units of the routed activations T k d (times the item size);
@@ -83,7 +87,12 @@ QUICK = {
     "B": Workload("B", 512, 128, 64, 64, 8),
     "C": Workload("C", 2048, 256, 128, 32, 4),
 }
-REFERENCE = {"layer": "gemm_fwd", "dispatch": "gemm_fwd", "swiglu_floor": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd", "layer_torch": "hf_mixtral"}
+REFERENCE = {
+    "layer": "gemm_fwd", "dispatch": "gemm_fwd", "swiglu_floor": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd",
+    "layer_torch": "hf_mixtral",
+    # --expert-threads: the same calls inside moeref.backends.threads.expert_threads(threads)
+    "layer_threads": "gemm_fwd", "dispatch_threads": "gemm_fwd", "layer_vjp_threads": "gemm_fwd_bwd", "dispatch_vjp_threads": "gemm_fwd_bwd",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +213,18 @@ def torch_candidates(w: Workload, x: np.ndarray, params: SparseMoEParams, option
 # --------------------------------------------------------------------------------------------
 
 
-def run_cell(w: Workload, dtype: Any, args: argparse.Namespace) -> dict:
+def in_expert_threads(f: Any, workers: int) -> Any:
+    """``f`` run inside ``expert_threads(workers)`` (the experts on ``workers`` threads, one BLAS thread each)."""
+    from moeref.backends.threads import expert_threads
+
+    def run():
+        with expert_threads(workers):
+            return f()
+
+    return run
+
+
+def run_cell(w: Workload, dtype: Any, args: argparse.Namespace, threads: int = 1) -> dict:
     x, params, cotangent = make_inputs(w, dtype)
     options = mixtral(k=w.k)
     out = sparse_moe_layer(x, params, options)
@@ -227,6 +247,9 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace) -> dict:
             layer_vjp=lambda: sparse_moe_layer_vjp(x, params, options, cotangent),
             dispatch_vjp=lambda: dispatch_combine_vjp(x, routes, params.experts, ffn, cotangent),
         )
+    if args.expert_threads and threads > 1:
+        for name in [n for n in ("layer", "dispatch", "layer_vjp", "dispatch_vjp") if n in cands]:
+            cands[name + "_threads"] = in_expert_threads(cands[name], threads)
     if not args.no_torch:
         tc, info = torch_candidates(w, x, params, options, out.y)
         cands.update(tc)
@@ -301,6 +324,8 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the HF Mixtral / torch candidates")
     parser.add_argument("--no-vjp", action="store_true", help="skip the VJP candidates")
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peaks")
+    parser.add_argument("--expert-threads", action="store_true",
+                        help="also time layer / dispatch (and VJPs) with the experts on as many threads as the run's BLAS had (moeref.backends.threads)")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: benchmarks/results/sparse_layer-<time>.json)")
     args = parser.parse_args()
     if args.rounds < 7 and not args.quick:
@@ -314,7 +339,7 @@ def main() -> None:
         with harness.threads(threads):
             for name in args.workloads.split(","):
                 for dt in args.dtypes.split(","):
-                    cell = run_cell(table[name], np.dtype(dt), args)
+                    cell = run_cell(table[name], np.dtype(dt), args, threads)
                     cell["threads"] = threads
                     cells.append(cell)
                     print_cell(threads, cell)

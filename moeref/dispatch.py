@@ -21,6 +21,8 @@ only: [`dense_dispatch_tensors`][moeref.dispatch.dense_dispatch_tensors],
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 from array_api_compat import is_writeable_array
@@ -241,8 +243,14 @@ class _Rows:
         self._buffer = xp.empty((rows, like.shape[1]), dtype=like.dtype, device=device_of(like)) if _writeable(like, xp) else None
         self._blocks: list = []
 
+    @property
+    def writeable(self) -> bool:
+        """Whether blocks are written into one buffer (so they may arrive in any order)."""
+        return self._buffer is not None
+
     def put(self, start: int, block: Any) -> None:
-        """Rows ``[start, start + len(block))``; blocks must arrive in order, without gaps."""
+        """Rows ``[start, start + len(block))``. Immutable arrays: blocks must arrive in order,
+        without gaps; written into the buffer, in any order."""
         if self._buffer is None:
             self._blocks.append(block)
         else:
@@ -273,17 +281,38 @@ def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFF
     """Expert outputs of the kept routes in sorted order, into ``rows``; weighted only for ``"input"``."""
     width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
     max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
-    for e in range(len(plan.bounds) - 1):
-        start, end = plan.bounds[e], plan.bounds[e + 1]
-        if end == start:
-            continue
+
+    def one_expert(e: int) -> None:
         p = _expert_slice(experts, e)
-        for a, b in _pieces(start, end, max_rows):
+        for a, b in _pieces(plan.bounds[e], plan.bounds[e + 1], max_rows):
             xs = xp.take(x, plan.token[a:b], axis=0)  # (n, d) this piece's tokens
             if apply_weight_to == "input":
                 xs = xs * plan.weight[a:b, None]
             rows.put(a, _ffn_output(xs, p, ffn, xp))  # (n, d)
             del xs  # freed before the next piece's tokens are gathered
+
+    _for_each_expert(one_expert, plan, rows.writeable)
+
+
+_EXPERT_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_expert_map", default=None)
+"""How the per-expert jobs of a dispatch run: ``None`` (one after the other, the default) or a
+``map(job, experts)`` installed by [`expert_threads`][moeref.backends.threads.expert_threads]."""
+
+
+def _for_each_expert(job: Callable[[int], Any], plan: _Plan, writeable: bool) -> list:
+    """``[job(e) for e in experts with rows]``, in expert order.
+
+    Every job reads shared inputs and writes only its own expert's rows and slices, so the jobs
+    may run concurrently: they do when a map is installed (``_EXPERT_MAP``) and the arrays can
+    be written in place. Otherwise (the default, and always on JAX, whose blocks are collected in
+    order) they run one after the other. The results are the same either way, bit for bit: each
+    expert's arithmetic does not depend on which thread runs it.
+    """
+    experts = [e for e in range(len(plan.bounds) - 1) if plan.bounds[e + 1] > plan.bounds[e]]
+    run = _EXPERT_MAP.get()
+    if run is None or not writeable or len(experts) < 2:
+        return [job(e) for e in experts]
+    return list(run(job, experts))
 
 
 def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, weight: Any, xp: Any) -> None:
@@ -508,16 +537,17 @@ def dispatch_combine_vjp(
 
 def _expert_vjps(
     x: Any, cotangent: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFFN, apply_weight_to: str, x_rows: _Rows,
-    grads: "_ExpertGrads", xp: Any,
+    grads: _ExpertGrads, xp: Any,
 ) -> Any:
     """One chunk's per-route VJPs in sorted order: input cotangents into ``x_rows``, weight
     cotangents into ``grads``; returns the route-weight cotangents ``(R_c,)``."""
     width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
     max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
-    w_blocks = []
-    for e in range(len(plan.bounds) - 1):
+
+    def one_expert(e: int) -> list:
         p = _expert_slice(experts, e)
-        for a, b in _pieces(plan.bounds[e], plan.bounds[e + 1], max_rows) if plan.bounds[e + 1] > plan.bounds[e] else ():
+        w_blocks = []
+        for a, b in _pieces(plan.bounds[e], plan.bounds[e + 1], max_rows):
             tok = plan.token[a:b]  # (n,)
             xs = xp.take(x, tok, axis=0)  # (n, d)
             ct = xp.take(cotangent, tok, axis=0)  # (n, d)
@@ -534,6 +564,9 @@ def _expert_vjps(
                 x_rows.put(a, xs_bar)
             grads.add(e, p_bar)
             del xs, ct
+        return w_blocks
+
+    w_blocks = [w for blocks in _for_each_expert(one_expert, plan, x_rows.writeable and grads.writeable) for w in blocks]
     if not w_blocks:
         return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
     return w_blocks[0] if len(w_blocks) == 1 else xp.concat(w_blocks, axis=0)
@@ -554,6 +587,11 @@ class _ExpertGrads:
         if _writeable(params.w_in, xp):
             self._stacked = ExpertFFNParams(*(None if a is None else xp.zeros_like(a) for a in params))
         self._per_expert: list[ExpertFFNParams | None] = [None] * params.w_in.shape[0]
+
+    @property
+    def writeable(self) -> bool:
+        """Whether each expert's sums go into its own slice in place (any order of experts)."""
+        return self._stacked is not None
 
     def add(self, e: int, g: ExpertFFNParams) -> None:
         if self._stacked is not None:
