@@ -5,8 +5,8 @@ threads the expert matmuls of [`dispatch_combine`][moeref.dispatch.dispatch_comb
 cores and everything else one, so that everything else weighs twice as much against the matmuls
 as at one thread. [`expert_threads`][moeref.backends.threads.expert_threads] runs the experts'
 jobs (gather, FFN, copy into the sorted rows; in the VJP also the pullback and the weight
-cotangents) concurrently on ``workers`` threads and gives the BLAS one thread per worker, so all
-of the expert work is spread over the cores. NumPy and torch release the GIL inside their
+cotangents) and the combine's token groups concurrently on ``workers`` threads, and gives the
+BLAS one thread per worker while they run, so all of the expert work is spread over the cores. NumPy and torch release the GIL inside their
 kernels.
 
 The results are bit for bit those of the default (one expert after the other): each job writes
@@ -43,8 +43,9 @@ def expert_threads(workers: int, *, blas_threads: int = 1) -> Iterator[None]:
         Threads that run expert jobs (at least 1; 1 runs them one after the other as without
         the block, with the BLAS still limited).
     blas_threads : int
-        BLAS and OpenMP threads per call while the block runs (default 1: ``workers`` threads
-        each running single-threaded matmuls use ``workers`` cores; more oversubscribes them).
+        BLAS and OpenMP threads per call while the jobs run (default 1: ``workers`` threads each
+        running single-threaded matmuls use ``workers`` cores; more oversubscribes them). The
+        work between the jobs (router, checks, losses) keeps the BLAS's own setting.
 
     Examples
     --------
@@ -69,9 +70,16 @@ def expert_threads(workers: int, *, blas_threads: int = 1) -> Iterator[None]:
         from threadpoolctl import threadpool_limits
     except ImportError as err:  # pragma: no cover - threadpoolctl is in the test extra
         raise ImportError("expert_threads needs threadpoolctl (pip install threadpoolctl)") from err
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeref-expert") as pool, threadpool_limits(blas_threads):
-        token = _dispatch._EXPERT_MAP.set(pool.map if workers > 1 else None)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeref-expert") as pool:
+
+        def run(job, items):
+            # the BLAS is limited only while jobs run: the router's and the checks' matmuls,
+            # between the maps, keep the BLAS's own threads
+            with threadpool_limits(blas_threads):
+                return list(pool.map(job, items))
+
+        token = _dispatch._JOB_MAP.set(run if workers > 1 else None)
         try:
             yield
         finally:
-            _dispatch._EXPERT_MAP.reset(token)
+            _dispatch._JOB_MAP.reset(token)

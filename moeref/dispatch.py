@@ -294,25 +294,32 @@ def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFF
     _for_each_expert(one_expert, plan, rows.writeable)
 
 
-_EXPERT_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_expert_map", default=None)
-"""How the per-expert jobs of a dispatch run: ``None`` (one after the other, the default) or a
-``map(job, experts)`` installed by [`expert_threads`][moeref.backends.threads.expert_threads]."""
+_JOB_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_job_map", default=None)
+"""How the independent jobs of a dispatch (one per expert; the combine's token groups) run:
+``None`` (one after the other, the default) or a ``map(job, items)`` installed by
+[`expert_threads`][moeref.backends.threads.expert_threads]."""
+
+_COMBINE_GROUPS = 8  # the combine's pieces are handed to a job map in this many contiguous groups
+
+
+def _for_each(job: Callable[[Any], Any], items: list, writeable: bool) -> list:
+    """``[job(i) for i in items]``, results in the order of ``items``.
+
+    Every job reads shared inputs and writes only its own rows and slices, so the jobs may run
+    concurrently: they do when a map is installed (``_JOB_MAP``) and the arrays can be written in
+    place. Otherwise (the default, and always on JAX, whose blocks are collected in order) they
+    run one after the other. The results are the same either way, bit for bit: a job's arithmetic
+    does not depend on the thread that runs it.
+    """
+    run = _JOB_MAP.get()
+    if run is None or not writeable or len(items) < 2:
+        return [job(i) for i in items]
+    return list(run(job, items))
 
 
 def _for_each_expert(job: Callable[[int], Any], plan: _Plan, writeable: bool) -> list:
-    """``[job(e) for e in experts with rows]``, in expert order.
-
-    Every job reads shared inputs and writes only its own expert's rows and slices, so the jobs
-    may run concurrently: they do when a map is installed (``_EXPERT_MAP``) and the arrays can
-    be written in place. Otherwise (the default, and always on JAX, whose blocks are collected in
-    order) they run one after the other. The results are the same either way, bit for bit: each
-    expert's arithmetic does not depend on which thread runs it.
-    """
-    experts = [e for e in range(len(plan.bounds) - 1) if plan.bounds[e + 1] > plan.bounds[e]]
-    run = _EXPERT_MAP.get()
-    if run is None or not writeable or len(experts) < 2:
-        return [job(e) for e in experts]
-    return list(run(job, experts))
+    """``job(e)`` for every expert with rows in ``plan``, in expert order (see ``_for_each``)."""
+    return _for_each(job, [e for e in range(len(plan.bounds) - 1) if plan.bounds[e + 1] > plan.bounds[e]], writeable)
 
 
 def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, weight: Any, xp: Any) -> None:
@@ -328,15 +335,21 @@ def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, we
     buffer = sorted_rows.with_zero_row(plan.bounds[-1])  # (R+1, width)
     width = buffer.shape[1]
     step = max(1, _COMBINE_ELEMENTS // (k * width))
-    for t0 in range(0, T, step):
-        t1 = min(t0 + step, T)
-        rows = plan.combine_row[t0:t1, :]  # (n, k)
-        n = t1 - t0
-        gathered = xp.reshape(xp.take(buffer, xp.reshape(rows, (n * k,)), axis=0), (n, k, width))  # (n, k, width)
-        if weight is None:
-            out.put(t_offset + t0, xp.sum(gathered, axis=1))  # (n, width)
-        else:
-            out.put(t_offset + t0, xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
+    starts = list(range(0, T, step))
+    size = -(-len(starts) // _COMBINE_GROUPS)
+
+    def group(g0: int) -> None:  # consecutive pieces: starts[g0 : g0 + size]
+        for t0 in starts[g0 : g0 + size]:
+            t1 = min(t0 + step, T)
+            rows = plan.combine_row[t0:t1, :]  # (n, k)
+            n = t1 - t0
+            gathered = xp.reshape(xp.take(buffer, xp.reshape(rows, (n * k,)), axis=0), (n, k, width))  # (n, k, width)
+            if weight is None:
+                out.put(t_offset + t0, xp.sum(gathered, axis=1))  # (n, width)
+            else:
+                out.put(t_offset + t0, xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
+
+    _for_each(group, list(range(0, len(starts), size)), out.writeable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +439,10 @@ def dispatch_combine(
     **Edge cases.** A dropped route contributes nothing whatever its weight (the record sets it to
     0) and whatever its expert index; a kept route's expert index must lie in $[0, E)$. An expert
     without tokens is skipped; a token whose routes are all dropped gets $y_t = 0$.
+
+    **Threads.** Inside [`expert_threads`][moeref.backends.threads.expert_threads] the experts'
+    jobs (gather, FFN, copy into the sorted rows) and the combine's token groups run on a thread
+    pool; each job writes only its own rows, so the output is the same bit for bit.
 
     **Eager only.** Block boundaries are read as Python ints (data-dependent shapes), so the
     function runs eagerly on every backend, and under ``jax.grad`` / ``jax.vjp`` (the routing

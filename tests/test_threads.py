@@ -43,10 +43,10 @@ def test_threads_give_the_sequential_numbers_bit_for_bit(apply_weight_to, worker
     y = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU, apply_weight_to=apply_weight_to)
     g = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
     with expert_threads(workers):
-        assert (dispatch_module._EXPERT_MAP.get() is None) == (workers == 1)  # one worker: the plain loop
+        assert (dispatch_module._JOB_MAP.get() is None) == (workers == 1)  # one worker: the plain loop
         y2 = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU, apply_weight_to=apply_weight_to)
         g2 = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
-    assert dispatch_module._EXPERT_MAP.get() is None  # restored
+    assert dispatch_module._JOB_MAP.get() is None  # restored
     np.testing.assert_array_equal(y2, y)
     for a, b in zip(leaves(g2), leaves(g)):
         np.testing.assert_array_equal(a, b)
@@ -93,7 +93,7 @@ def test_a_failing_job_raises_and_the_setting_is_restored(rng, small_pieces, mon
     with pytest.raises(FloatingPointError, match="expert job failed"):
         with expert_threads(2):
             dispatch_combine(x, routes, p, GPT_OSS_SWIGLU)
-    assert dispatch_module._EXPERT_MAP.get() is None
+    assert dispatch_module._JOB_MAP.get() is None
 
 
 def test_other_backends_under_threads(rng, small_pieces):
