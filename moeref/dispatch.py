@@ -297,7 +297,7 @@ def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFF
 _JOB_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_job_map", default=None)
 """How the independent jobs of a dispatch (one per expert; the combine's token groups) run:
 ``None`` (one after the other, the default) or a ``map(job, items)`` installed by
-[`expert_threads`][moeref.backends.threads.expert_threads]."""
+`moeref.backends.threads.expert_threads`."""
 
 _COMBINE_GROUPS = 8  # the combine's pieces are handed to a job map in this many contiguous groups
 
@@ -440,7 +440,7 @@ def dispatch_combine(
     0) and whatever its expert index; a kept route's expert index must lie in $[0, E)$. An expert
     without tokens is skipped; a token whose routes are all dropped gets $y_t = 0$.
 
-    **Threads.** Inside [`expert_threads`][moeref.backends.threads.expert_threads] the experts'
+    **Threads.** Inside `moeref.backends.threads.expert_threads` the experts'
     jobs (gather, FFN, copy into the sorted rows) and the combine's token groups run on a thread
     pool; each job writes only its own rows, so the output is the same bit for bit.
 

@@ -8,7 +8,8 @@ per-round ratios, whiskers their range; the lines mark the targets (1.25, 1.35, 
 
 Run from the repository root:  python docs/scripts/benchmark_figure.py [--data PATH]
 Writes docs/img/sparse_layer_benchmark.png, and prints the Markdown tables of docs/performance.md (the
-sparse layer's, and the classical EM benchmark's from benchmarks/results/em_iteration-latest.json).
+sparse layer's, the expert-threads table from benchmarks/results/sparse_layer-expert-threads.json, and the
+classical EM benchmark's from benchmarks/results/em_iteration-latest.json).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "benchmarks" / "results" / "sparse_layer-latest.json"
 EM_DATA = ROOT / "benchmarks" / "results" / "em_iteration-latest.json"
+THREADS_DATA = ROOT / "benchmarks" / "results" / "sparse_layer-expert-threads.json"
 OUT = ROOT / "docs" / "img" / "sparse_layer_benchmark.png"
 SERIES = [  # candidate, label, colour
     ("swiglu_floor", "NumPy floor (GEMMs + in-place SwiGLU) / GEMM bound", "#bbbbbb"),
@@ -65,6 +67,18 @@ def sparse_table(doc: dict) -> str:
             f"| {g['threads']} | {g['dtype']} | {g['candidate']} | {g['time_C_over_A']:.2f} | {g.get('over_gemm_bound_growth', float('nan')):.2f} |"
             for g in growth
         ) + "\n"
+    return text
+
+
+def threads_table(doc: dict) -> str:
+    """Markdown table of a ``sparse_layer.py --expert-threads`` run: each candidate with and without expert threads."""
+    names = [("layer", "layer fwd"), ("dispatch", "dispatch fwd"), ("layer_vjp", "layer VJP"), ("dispatch_vjp", "dispatch VJP")]
+    text = "| threads | workload | dtype | " + " | ".join(f"{label} | {label}, expert threads" for _, label in names) + " |\n"
+    text += "|---|---|---|" + "---|" * (2 * len(names)) + "\n"
+    for c in doc["cells"]:
+        k = c["candidates"]
+        cols = " | ".join(f"{_ratio(k.get(n))} | {_ratio(k.get(n + '_threads'))}" for n, _ in names)
+        text += f"| {c['threads']} | {c['workload']['name']} | {c['dtype']} | {cols} |\n"
     return text
 
 
@@ -124,6 +138,8 @@ def main() -> None:
     fig.savefig(args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} kB)\n")
     print(sparse_table(doc))
+    if THREADS_DATA.exists():
+        print(threads_table(json.loads(THREADS_DATA.read_text())))
     if EM_DATA.exists():
         print(em_table(json.loads(EM_DATA.read_text())))
 
