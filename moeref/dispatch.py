@@ -249,8 +249,8 @@ class _Rows:
         return self._buffer is not None
 
     def put(self, start: int, block: Any) -> None:
-        """Rows ``[start, start + len(block))``. Immutable arrays: blocks must arrive in order,
-        without gaps; written into the buffer, in any order."""
+        """Rows ``[start, start + len(block))``. Into the buffer (writeable arrays) in any order;
+        otherwise the blocks must arrive in order, without gaps."""
         if self._buffer is None:
             self._blocks.append(block)
         else:
