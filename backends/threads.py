@@ -9,9 +9,11 @@ cotangents) and the combine's token groups concurrently on ``workers`` threads, 
 BLAS one thread per worker while they run, so all of the expert work is spread over the cores. NumPy and torch release the GIL inside their
 kernels.
 
-The results are bit for bit those of the default (one expert after the other): each job writes
-only its own expert's rows and slices, and its arithmetic does not depend on the thread that runs
-it. Immutable arrays (JAX) always run one expert after the other.
+The results are bit for bit those of the default (one expert after the other): a job only reads
+the shared arrays and returns its results, which the calling thread writes into the shared
+buffers (so no array is modified from two threads, which torch autograd's in-place records would
+not survive), and a job's arithmetic does not depend on the thread that runs it. Immutable arrays
+(JAX) always run one expert after the other.
 
 This module imports ``threadpoolctl`` (the ``test`` and ``bench`` extras) to set the BLAS / OpenMP
 thread pools: it is a backend adapter, not math.
@@ -73,10 +75,11 @@ def expert_threads(workers: int, *, blas_threads: int = 1) -> Iterator[None]:
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeref-expert") as pool:
 
         def run(job, items):
-            # the BLAS is limited only while jobs run: the router's and the checks' matmuls,
-            # between the maps, keep the BLAS's own threads
+            # results are yielded as the caller consumes them (it writes them into the shared
+            # buffers itself); the BLAS is limited only until the last one is taken, so the
+            # router's and the checks' matmuls between the maps keep the BLAS's own threads
             with threadpool_limits(blas_threads):
-                return list(pool.map(job, items))
+                yield from pool.map(job, items)
 
         token = _dispatch._JOB_MAP.set(run if workers > 1 else None)
         try:

@@ -21,7 +21,7 @@ only: [`dense_dispatch_tensors`][moeref.dispatch.dense_dispatch_tensors],
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -282,16 +282,20 @@ def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFF
     width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
     max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
 
-    def one_expert(e: int) -> None:
+    def one_expert(e: int) -> list:
         p = _expert_slice(experts, e)
+        blocks = []  # (first sorted row, its outputs) per piece
         for a, b in _pieces(plan.bounds[e], plan.bounds[e + 1], max_rows):
             xs = xp.take(x, plan.token[a:b], axis=0)  # (n, d) this piece's tokens
             if apply_weight_to == "input":
                 xs = xs * plan.weight[a:b, None]
-            rows.put(a, _ffn_output(xs, p, ffn, xp))  # (n, d)
+            blocks.append((a, _ffn_output(xs, p, ffn, xp)))  # (n, d)
             del xs  # freed before the next piece's tokens are gathered
+        return blocks
 
-    _for_each_expert(one_expert, plan, rows.writeable)
+    for blocks in _for_each_expert(one_expert, plan, rows.writeable):
+        for a, y in blocks:
+            rows.put(a, y)
 
 
 _JOB_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_job_map", default=None)
@@ -302,22 +306,25 @@ _JOB_MAP: ContextVar[Callable | None] = ContextVar("moeref_dispatch_job_map", de
 _COMBINE_GROUPS = 8  # the combine's pieces are handed to a job map in this many contiguous groups
 
 
-def _for_each(job: Callable[[Any], Any], items: list, writeable: bool) -> list:
-    """``[job(i) for i in items]``, results in the order of ``items``.
+def _for_each(job: Callable[[Any], Any], items: list, writeable: bool) -> Iterator:
+    """``job(i)`` for each of ``items``, yielded in the order of ``items`` as they are consumed.
 
-    Every job reads shared inputs and writes only its own rows and slices, so the jobs may run
-    concurrently: they do when a map is installed (``_JOB_MAP``) and the arrays can be written in
-    place. Otherwise (the default, and always on JAX, whose blocks are collected in order) they
-    run one after the other. The results are the same either way, bit for bit: a job's arithmetic
-    does not depend on the thread that runs it.
+    A job only reads shared arrays and returns its results; the caller writes them into the
+    shared buffers, in its own thread. So the jobs may run concurrently, and they do when a map is
+    installed (``_JOB_MAP``) and the arrays can be written in place. No shared array is ever
+    modified from two threads (torch autograd records every in-place write on the tensor's own
+    graph node, which is not safe to race). Otherwise (the default, and always on JAX) each job
+    runs when its result is consumed, one after the other, so at most one job's results are held
+    at a time. The results are the same either way, bit for bit: a job's arithmetic does not
+    depend on the thread that runs it.
     """
     run = _JOB_MAP.get()
     if run is None or not writeable or len(items) < 2:
-        return [job(i) for i in items]
-    return list(run(job, items))
+        return map(job, items)
+    return run(job, items)
 
 
-def _for_each_expert(job: Callable[[int], Any], plan: _Plan, writeable: bool) -> list:
+def _for_each_expert(job: Callable[[int], Any], plan: _Plan, writeable: bool) -> Iterator:
     """``job(e)`` for every expert with rows in ``plan``, in expert order (see ``_for_each``)."""
     return _for_each(job, [e for e in range(len(plan.bounds) - 1) if plan.bounds[e + 1] > plan.bounds[e]], writeable)
 
@@ -338,18 +345,22 @@ def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, we
     starts = list(range(0, T, step))
     size = -(-len(starts) // _COMBINE_GROUPS)
 
-    def group(g0: int) -> None:  # consecutive pieces: starts[g0 : g0 + size]
+    def group(g0: int) -> list:  # consecutive pieces: starts[g0 : g0 + size]
+        pieces = []
         for t0 in starts[g0 : g0 + size]:
             t1 = min(t0 + step, T)
             rows = plan.combine_row[t0:t1, :]  # (n, k)
             n = t1 - t0
             gathered = xp.reshape(xp.take(buffer, xp.reshape(rows, (n * k,)), axis=0), (n, k, width))  # (n, k, width)
             if weight is None:
-                out.put(t_offset + t0, xp.sum(gathered, axis=1))  # (n, width)
+                pieces.append((t0, xp.sum(gathered, axis=1)))  # (n, width)
             else:
-                out.put(t_offset + t0, xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :])  # (n, 1, k) @ (n, k, width) -> (n, width)
+                pieces.append((t0, xp.matmul(weight[t0:t1, None, :], gathered)[:, 0, :]))  # (n, 1, k) @ (n, k, width) -> (n, width)
+        return pieces
 
-    _for_each(group, list(range(0, len(starts), size)), out.writeable)
+    for pieces in _for_each(group, list(range(0, len(starts), size)), out.writeable):
+        for t0, piece in pieces:
+            out.put(t_offset + t0, piece)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,9 +572,9 @@ def _expert_vjps(
     width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
     max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
 
-    def one_expert(e: int) -> list:
+    def one_expert(e: int) -> tuple:
         p = _expert_slice(experts, e)
-        w_blocks = []
+        blocks, w_blocks, p_sum = [], [], None  # per piece: (first sorted row, input cotangents); route-weight cotangents
         for a, b in _pieces(plan.bounds[e], plan.bounds[e + 1], max_rows):
             tok = plan.token[a:b]  # (n,)
             xs = xp.take(x, tok, axis=0)  # (n, d)
@@ -574,16 +585,21 @@ def _expert_vjps(
                 _, cache = _ffn_forward(xin, p, ffn, xp)
                 xin_bar, p_bar = _ffn_backward(xin, p, ffn, cache, ct, xp)  # (n, d)
                 w_blocks.append(xp.vecdot(xin_bar, xs, axis=-1))  # (n,)
-                x_rows.put(a, xin_bar * w)
+                blocks.append((a, xin_bar * w))
             else:
                 xs_bar, w_bar, p_bar = _weighted_ffn_vjp(xs, p, ffn, ct, w, xp)  # (n, d), (n,)
                 w_blocks.append(w_bar)
-                x_rows.put(a, xs_bar)
-            grads.add(e, p_bar)
+                blocks.append((a, xs_bar))
+            p_sum = p_bar if p_sum is None else ExpertFFNParams(*(None if acc is None else acc + g for acc, g in zip(p_sum, p_bar)))
             del xs, ct
-        return w_blocks
+        return e, blocks, w_blocks, p_sum
 
-    w_blocks = [w for blocks in _for_each_expert(one_expert, plan, x_rows.writeable and grads.writeable) for w in blocks]
+    w_blocks = []
+    for e, blocks, w_e, p_sum in _for_each_expert(one_expert, plan, x_rows.writeable and grads.writeable):
+        for a, block in blocks:
+            x_rows.put(a, block)
+        grads.add(e, p_sum)
+        w_blocks.extend(w_e)
     if not w_blocks:
         return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
     return w_blocks[0] if len(w_blocks) == 1 else xp.concat(w_blocks, axis=0)

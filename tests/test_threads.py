@@ -125,3 +125,23 @@ def test_bad_worker_counts_are_refused(bad):
     with pytest.raises(ValueError, match="blas_threads must be an int of at least 1"):
         with expert_threads(2, blas_threads=bad):
             pass
+
+
+def test_torch_autograd_through_the_threaded_forward_matches_the_analytic_vjp(rng, small_pieces):
+    """The jobs return their results and the calling thread writes them: torch autograd records
+    every in-place write on the written tensor's node, which two threads writing at once would
+    corrupt (a wrong gradient, silently)."""
+    torch = pytest.importorskip("torch")
+    x, routes, p, ct = _case(rng)
+    want = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct)
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(routes.weight, requires_grad=True)
+    tw_in = torch.tensor(p.w_in, requires_grad=True)
+    troutes = type(routes)(*(torch.from_numpy(a) for a in routes))._replace(weight=tw)
+    tp = type(p)(*(None if a is None else torch.from_numpy(a) for a in p))._replace(w_in=tw_in)
+    with expert_threads(2):
+        y = dispatch_combine(tx, troutes, tp, GPT_OSS_SWIGLU)
+    (y * torch.from_numpy(ct)).sum().backward()
+    np.testing.assert_allclose(tx.grad.numpy(), want.x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tw.grad.numpy(), want.routes.weight, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tw_in.grad.numpy(), want.experts.w_in, rtol=1e-10, atol=1e-12)
