@@ -453,7 +453,8 @@ def dispatch_combine(
 
     **Threads.** Inside `moeref.backends.threads.expert_threads` the experts'
     jobs (gather, FFN, copy into the sorted rows) and the combine's token groups run on a thread
-    pool; each job writes only its own rows, so the output is the same bit for bit.
+    pool; a job only reads the shared arrays and the calling thread writes its results, so the
+    output is the same bit for bit (and torch autograd through it stays exact).
 
     **Eager only.** Block boundaries are read as Python ints (data-dependent shapes), so the
     function runs eagerly on every backend, and under ``jax.grad`` / ``jax.vjp`` (the routing
