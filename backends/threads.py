@@ -4,10 +4,10 @@ NumPy runs its elementwise work, gathers and copies on one core; only its BLAS u
 threads the expert matmuls of [`dispatch_combine`][moeref.dispatch.dispatch_combine] use both
 cores and everything else one, so that everything else weighs twice as much against the matmuls
 as at one thread. [`expert_threads`][moeref.backends.threads.expert_threads] runs the experts'
-jobs (gather, FFN, copy into the sorted rows; in the VJP also the pullback and the weight
-cotangents) and the combine's token groups concurrently on ``workers`` threads, and gives the
-BLAS one thread per worker while they run, so all of the expert work is spread over the cores. NumPy and torch release the GIL inside their
-kernels.
+jobs (gather and FFN; in the VJP also the pullback and the weight cotangents) and the combine's
+token groups concurrently on ``workers`` threads, and gives the BLAS one thread per worker while
+they run, so the expert work is spread over the cores (the calling thread copies each job's
+results into the shared buffers). NumPy and torch release the GIL inside their kernels.
 
 The results are bit for bit those of the default (one expert after the other): a job only reads
 the shared arrays and returns its results, which the calling thread writes into the shared

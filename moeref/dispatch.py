@@ -452,7 +452,7 @@ def dispatch_combine(
     without tokens is skipped; a token whose routes are all dropped gets $y_t = 0$.
 
     **Threads.** Inside `moeref.backends.threads.expert_threads` the experts'
-    jobs (gather, FFN, copy into the sorted rows) and the combine's token groups run on a thread
+    jobs (gather, FFN) and the combine's token groups run on a thread
     pool; a job only reads the shared arrays and the calling thread writes its results, so the
     output is the same bit for bit (and torch autograd through it stays exact).
 
