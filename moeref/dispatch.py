@@ -208,6 +208,29 @@ def _pieces(start: int, end: int, max_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
+def _chunk_plans(routes: Routes, E: int, xp: Any) -> tuple[int, Iterator[tuple[int, int, _Plan]]]:
+    """``(max chunk rows R_c, iterator of (t0, t1, plan))`` over the token chunks of ``routes``.
+
+    Each token's results depend on its own routes only, so a chunk is planned (sorted by expert)
+    on its own; ``R_c = k * (longest chunk)`` sizes the sorted-rows buffer every chunk reuses.
+    """
+    T, k = routes.expert_index.shape
+    chunks = _token_chunks(T, k, E)
+
+    def plans() -> Iterator[tuple[int, int, _Plan]]:
+        for t0, t1 in chunks:
+            chunk = routes if (t0, t1) == (0, T) else Routes(*(a[t0:t1, :] for a in routes))
+            yield t0, t1, _plan(chunk, E, xp)
+
+    return k * max(t1 - t0 for t0, t1 in chunks), plans()
+
+
+def _max_piece_rows(experts: ExpertFFNParams) -> int:
+    """Rows per piece of an expert's block: about ``_BLOCK_ELEMENTS`` hidden activations (rows x K)."""
+    width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
+    return max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
+
+
 def _token_chunks(T: int, k: int, E: int) -> list[tuple[int, int]]:
     """The forward's token chunks: equal pieces of about ``_EXPERT_ROWS_PER_CHUNK * E / k`` tokens
     (not under ``_MIN_CHUNK_TOKENS``).
@@ -279,8 +302,7 @@ def _writeable(like: Any, xp: Any) -> bool:
 
 def _expert_outputs(x: Any, plan: _Plan, experts: ExpertFFNParams, ffn: ExpertFFN, apply_weight_to: str, rows: _Rows, xp: Any) -> None:
     """Expert outputs of the kept routes in sorted order, into ``rows``; weighted only for ``"input"``."""
-    width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
-    max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
+    max_rows = _max_piece_rows(experts)
 
     def one_expert(e: int) -> list:
         p = _expert_slice(experts, e)
@@ -474,12 +496,10 @@ def dispatch_combine(
     """
     xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
     weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
-    chunks = _token_chunks(T, k, E)
+    chunk_rows, plans = _chunk_plans(routes, E, xp)
     out = _Rows(T, x, xp)  # (T, d)
-    sorted_rows = _Rows(k * max(t1 - t0 for t0, t1 in chunks) + 1, x, xp)  # (R_c + 1, d), reused by every chunk
-    for t0, t1 in chunks:  # each output row depends on its own token's routes only
-        chunk = routes if (t0, t1) == (0, T) else Routes(*(a[t0:t1, :] for a in routes))
-        plan = _plan(chunk, E, xp)
+    sorted_rows = _Rows(chunk_rows + 1, x, xp)  # (R_c + 1, d), reused by every chunk
+    for t0, t1, plan in plans:
         _expert_outputs(x[t0:t1, :], plan, experts, ffn, apply_weight_to, sorted_rows, xp)
         _combine_into(out, t0, sorted_rows, plan, None if weight is None else weight[t0:t1, :], xp)
     return out.array(T)  # (T, d)
@@ -545,14 +565,12 @@ def dispatch_combine_vjp(
     check_arrays({"x": x, "cotangent": cotangent}, finite=False)
     if check_finite:
         check_all_finite(cotangent, "cotangent")
-    chunks = _token_chunks(T, k, E)
+    chunk_rows, plans = _chunk_plans(routes, E, xp)  # the forward's chunks
     x_bar = _Rows(T, x, xp)  # (T, d)
-    x_rows = _Rows(k * max(t1 - t0 for t0, t1 in chunks) + 1, x, xp)  # (R_c + 1, d) per-route cotangents, reused by every chunk
+    x_rows = _Rows(chunk_rows + 1, x, xp)  # (R_c + 1, d) per-route cotangents, reused by every chunk
     grads = _ExpertGrads(experts, xp)
     w_bar = []
-    for t0, t1 in chunks:  # as in the forward: each token's cotangents depend on its own routes only
-        chunk = routes if (t0, t1) == (0, T) else Routes(*(a[t0:t1, :] for a in routes))
-        plan = _plan(chunk, E, xp)
+    for t0, t1, plan in plans:
         w_rows = _expert_vjps(x[t0:t1, :], cotangent[t0:t1, :], plan, experts, ffn, apply_weight_to, x_rows, grads, xp)  # (R_c,)
         _combine_into(x_bar, t0, x_rows, plan, None, xp)
         w_rows = xp.concat([w_rows, xp.zeros((1,), dtype=x.dtype, device=device_of(x))], axis=0)  # (R_c + 1,) zero row last
@@ -570,8 +588,7 @@ def _expert_vjps(
 ) -> Any:
     """One chunk's per-route VJPs in sorted order: input cotangents into ``x_rows``, weight
     cotangents into ``grads``; returns the route-weight cotangents ``(R_c,)``."""
-    width = experts.w_in.shape[-1] + (0 if experts.w_up is None else experts.w_up.shape[-1])  # K (+ I separate)
-    max_rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // width)
+    max_rows = _max_piece_rows(experts)
 
     def one_expert(e: int) -> tuple:
         p = _expert_slice(experts, e)
@@ -591,7 +608,7 @@ def _expert_vjps(
                 xs_bar, w_bar, p_bar = _weighted_ffn_vjp(xs, p, ffn, ct, w, xp)  # (n, d), (n,)
                 w_blocks.append(w_bar)
                 blocks.append((a, xs_bar))
-            p_sum = p_bar if p_sum is None else ExpertFFNParams(*(None if acc is None else acc + g for acc, g in zip(p_sum, p_bar)))
+            p_sum = p_bar if p_sum is None else _add_params(p_sum, p_bar)
             del xs, ct
         return e, blocks, w_blocks, p_sum
 
@@ -606,6 +623,11 @@ def _expert_vjps(
     return w_blocks[0] if len(w_blocks) == 1 else xp.concat(w_blocks, axis=0)
 
 
+def _add_params(a: ExpertFFNParams, b: ExpertFFNParams) -> ExpertFFNParams:
+    """Field-wise ``a + b`` of two cotangent records (new arrays; ``None`` fields stay ``None``)."""
+    return ExpertFFNParams(*(None if u is None else u + v for u, v in zip(a, b)))
+
+
 class _ExpertGrads:
     """Cotangents of the stacked expert weights, summed over the pieces of tokens as they come.
 
@@ -617,10 +639,8 @@ class _ExpertGrads:
     def __init__(self, params: ExpertFFNParams, xp: Any):
         self._xp = xp
         self._params = params
-        self._stacked = None
-        if _writeable(params.w_in, xp):
-            self._stacked = ExpertFFNParams(*(None if a is None else xp.zeros_like(a) for a in params))
-        self._per_expert: list[ExpertFFNParams | None] = [None] * params.w_in.shape[0]
+        self._stacked = ExpertFFNParams(*(None if a is None else xp.zeros_like(a) for a in params)) if _writeable(params.w_in, xp) else None
+        self._per_expert: list[ExpertFFNParams | None] = [] if self._stacked is not None else [None] * params.w_in.shape[0]
 
     @property
     def writeable(self) -> bool:
@@ -634,7 +654,7 @@ class _ExpertGrads:
                     acc[e, ...] += part
             return
         old = self._per_expert[e]
-        self._per_expert[e] = g if old is None else ExpertFFNParams(*(None if a is None else a + b for a, b in zip(old, g)))
+        self._per_expert[e] = g if old is None else _add_params(old, g)
 
     def array(self) -> ExpertFFNParams:
         if self._stacked is not None:
