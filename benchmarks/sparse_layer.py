@@ -16,6 +16,11 @@ in float32 and float64, with the BLAS (and torch) thread pools limited to 2 and 
   into preallocated buffers, 5 passes): the floor of any NumPy implementation of these experts before
   it gathers or combines a token; ratio to ``gemm_fwd``. NumPy runs elementwise work on one core, so
   at 2 threads this floor shows how much of the gap to the bound is out of reach without threads.
+* ``tuned_dispatch``: a hand-tuned NumPy sorted dispatch (``benchmarks/tuned_numpy.py``: moeref's
+  algorithm with every buffer allocated once and reused by every call, ``out=`` everywhere, no checks),
+  the reference point the issue's forward target was set from; ratio to ``gemm_fwd``. Its output must
+  equal ``dispatch_combine``'s bit for bit (recorded). ``dispatch_over_tuned``: ``dispatch`` over it,
+  per round: what the portable array-API form costs against the best NumPy can do here.
 * ``gemm_fwd_bwd``: the same plus the backward matmuls (``dz = dy w_out^T``, ``dw_out = z^T dy``,
   ``dw_in = x^T dh``, ``dx = dh w_in^T``): 18 T k d I FLOPs.
 * ``layer``: ``sparse_moe_layer`` on NumPy (router, capacity, dispatch, combine, auxiliary losses),
@@ -24,11 +29,13 @@ in float32 and float64, with the BLAS (and torch) thread pools limited to 2 and 
 * ``layer_vjp``: ``sparse_moe_layer_vjp`` (it recomputes the forward; the cotangents of ``x`` and of
   every parameter), ratio to ``gemm_fwd_bwd``.
 * ``dispatch_vjp``: ``dispatch_combine_vjp`` alone, ratio to ``gemm_fwd_bwd``.
+* ``layer_value_and_vjp``: ``sparse_moe_layer_value_and_vjp``, the layer's output and its VJP in one
+  call (what a training step needs: forward and backward), ratio to ``gemm_fwd_bwd``.
 * ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (eager expert loop, ``torch.no_grad()``) and
   ``layer_torch``: ``sparse_moe_layer`` on torch CPU tensors, same weights, same threads; ratio
   ``layer_torch / hf_mixtral``.
 * with ``--expert-threads``, at more than one thread: ``layer_threads``, ``dispatch_threads``,
-  ``layer_vjp_threads``, ``dispatch_vjp_threads``: the same calls inside
+  ``layer_vjp_threads``, ``dispatch_vjp_threads``, ``layer_value_and_vjp_threads``: the same calls inside
   ``moeref.backends.threads.expert_threads(threads)`` (the experts on that many Python threads, one
   BLAS thread each), against the same references.
 
@@ -56,12 +63,13 @@ from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
+from tuned_numpy import TunedNumPyDispatch  # noqa: E402
 
 from moeref.dispatch import dispatch_combine, dispatch_combine_vjp  # noqa: E402
 from moeref.expert_ffn import ExpertFFNParams  # noqa: E402
 from moeref.presets import mixtral  # noqa: E402
 from moeref.router import RouterParams  # noqa: E402
-from moeref.sparse_moe import SparseMoEParams, sparse_moe_layer, sparse_moe_layer_vjp  # noqa: E402
+from moeref.sparse_moe import SparseMoEParams, sparse_moe_layer, sparse_moe_layer_value_and_vjp, sparse_moe_layer_vjp  # noqa: E402
 
 
 class Workload(NamedTuple):
@@ -88,7 +96,8 @@ QUICK = {
     "C": Workload("C", 2048, 256, 128, 32, 4),
 }
 REFERENCE = {
-    "layer": "gemm_fwd", "dispatch": "gemm_fwd", "swiglu_floor": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd",
+    "layer": "gemm_fwd", "dispatch": "gemm_fwd", "swiglu_floor": "gemm_fwd", "tuned_dispatch": "gemm_fwd", "layer_vjp": "gemm_fwd_bwd", "dispatch_vjp": "gemm_fwd_bwd",
+    "layer_value_and_vjp": "gemm_fwd_bwd", "layer_value_and_vjp_threads": "gemm_fwd_bwd",
     "layer_torch": "hf_mixtral",
     # --expert-threads: the same calls inside moeref.backends.threads.expert_threads(threads)
     "layer_threads": "gemm_fwd", "dispatch_threads": "gemm_fwd", "layer_vjp_threads": "gemm_fwd_bwd", "dispatch_vjp_threads": "gemm_fwd_bwd",
@@ -241,14 +250,19 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace, threads: int = 1
         "dispatch_equals_layer": bool(np.array_equal(y_dispatch, out.y)),
     }
     cands = {"gemm_fwd": bound.forward, "swiglu_floor": bound.swiglu_floor, "layer": lambda: sparse_moe_layer(x, params, options), "dispatch": lambda: dispatch_combine(x, routes, params.experts, ffn)}
+    if not args.no_tuned:
+        tuned = TunedNumPyDispatch(x, routes, params.experts)
+        cell["tuned_equals_dispatch"] = bool(np.array_equal(tuned(), y_dispatch))
+        cands["tuned_dispatch"] = tuned
     if not args.no_vjp:
         cands.update(
             gemm_fwd_bwd=bound.forward_backward,
             layer_vjp=lambda: sparse_moe_layer_vjp(x, params, options, cotangent),
             dispatch_vjp=lambda: dispatch_combine_vjp(x, routes, params.experts, ffn, cotangent),
+            layer_value_and_vjp=lambda: sparse_moe_layer_value_and_vjp(x, params, options, cotangent),
         )
     if args.expert_threads and threads > 1:
-        for name in [n for n in ("layer", "dispatch", "layer_vjp", "dispatch_vjp") if n in cands]:
+        for name in [n for n in ("layer", "dispatch", "layer_vjp", "dispatch_vjp", "layer_value_and_vjp") if n in cands]:
             cands[name + "_threads"] = in_expert_threads(cands[name], threads)
     if not args.no_torch:
         tc, info = torch_candidates(w, x, params, options, out.y)
@@ -267,6 +281,9 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace, threads: int = 1
                 s.pop(key)
         summary[name] = s
     cell["candidates"] = summary
+    if "tuned_dispatch" in times:
+        over = harness.summarize({"dispatch": times["dispatch"], "tuned_dispatch": times["tuned_dispatch"]}, "tuned_dispatch")["dispatch"]
+        cell["dispatch_over_tuned"] = {"ratio": over["ratio_to_tuned_dispatch"], "ratio_min": over["ratio_min"], "ratio_max": over["ratio_max"]}
     gf = summary["gemm_fwd"]["median_seconds"]
     cell["gemm_fwd_gflops"] = w.forward_flops / gf / 1e9
     if not args.no_memory:
@@ -287,6 +304,10 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace, threads: int = 1
 def print_cell(threads: int, cell: dict) -> None:
     w, c = cell["workload"], cell["candidates"]
     parts = [f"{k}={v['ratio']:.3f} [{v['ratio_min']:.2f},{v['ratio_max']:.2f}] f{v['ratio_of_fastest']:.3f}" for k, v in c.items() if "ratio" in v]
+    if "dispatch_over_tuned" in cell:
+        parts.append(f"dispatch/tuned={cell['dispatch_over_tuned']['ratio']:.3f}")
+    if cell.get("tuned_equals_dispatch") is False:
+        parts.append("WARNING: tuned_dispatch differs from dispatch_combine")
     mem = cell.get("memory")
     if mem:
         parts.append(f"mem layer={max(mem['layer']['peak_over_Tkd']):.2f}Tkd dispatch={max(mem['dispatch']['peak_over_Tkd']):.2f}Tkd")
@@ -323,6 +344,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="skip the HF Mixtral / torch candidates")
     parser.add_argument("--no-vjp", action="store_true", help="skip the VJP candidates")
+    parser.add_argument("--no-tuned", action="store_true", help="skip the hand-tuned NumPy dispatch")
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc peaks")
     parser.add_argument("--expert-threads", action="store_true",
                         help="also time layer / dispatch (and VJPs) with the experts on as many threads as the run's BLAS had (moeref.backends.threads)")

@@ -535,17 +535,23 @@ def _ffn_backward(
 
 
 def _weighted_ffn_vjp(
-    x: Any, p: ExpertFFNParams, ffn: ExpertFFN, cotangent: Any, weight: Any, xp: Any
-) -> tuple[Any, Any, ExpertFFNParams]:
-    r"""VJP of the rows $o_r = w_r\, \mathrm{FFN}(x_r)$ of one expert's block: ``(x_bar, w_bar, params_bar)``.
+    x: Any, p: ExpertFFNParams, ffn: ExpertFFN, cotangent: Any, weight: Any, xp: Any, *, with_output: bool = False
+) -> tuple[Any, Any, ExpertFFNParams, Any]:
+    r"""VJP of the rows $o_r = w_r\, \mathrm{FFN}(x_r)$ of one expert's block: ``(x_bar, w_bar, params_bar, y)``.
 
     With $c_r$ the cotangent row, $\hat z = c\, W_{\mathrm{out}}^\top$ (unweighted):
     $\bar w_r = \langle c_r, z_r W_{\mathrm{out}} + b_{\mathrm{out}}\rangle = \langle \hat z_r, z_r\rangle
     + \langle c_r, b_{\mathrm{out}}\rangle$ (no second forward matmul), $\bar z = w \hat z$,
     $\bar W_{\mathrm{out}} = z^\top (w c)$, $\bar b_{\mathrm{out}} = w^\top c$.
-    ``weight`` has shape (n, 1); ``w_bar`` is returned with shape (n,).
+    ``weight`` has shape (n, 1); ``w_bar`` is returned with shape (n,). ``y`` is None, or with
+    ``with_output`` the unweighted $\mathrm{FFN}(x)$ by ``_ffn_output``'s operations (so the same
+    numbers) from the pre-activations computed here.
     """
     h, u = _pre_activations(x, p, ffn, xp)
+    y = None
+    if with_output:
+        y = xp.matmul(_act(h, ffn, xp) if u is None else _glu(h, u, ffn, xp), p.w_out)  # (n, d)
+        y = y if p.b_out is None else y + p.b_out
     z, factors = _activation_with_factors(h, u, ffn, xp)  # (n, I)
     z_hat = xp.matmul(cotangent, xp.matrix_transpose(p.w_out))  # (n, I)
     w_bar = xp.vecdot(z_hat, z, axis=-1)  # (n,)
@@ -557,7 +563,7 @@ def _weighted_ffn_vjp(
         w_out_bar = xp.matmul(xp.matrix_transpose(z), cotangent * weight)  # (I, d)
     b_out_bar = None if p.b_out is None else xp.matmul(xp.matrix_transpose(weight), cotangent)[0, ...]  # (d,)
     x_bar, w_in_bar, b_in_bar, w_up_bar, b_up_bar = _hidden_backward_from(x, p, ffn, factors, z_hat * weight, xp)
-    return x_bar, w_bar, ExpertFFNParams(w_in_bar, w_out_bar, b_in_bar, b_out_bar, w_up_bar, b_up_bar)
+    return x_bar, w_bar, ExpertFFNParams(w_in_bar, w_out_bar, b_in_bar, b_out_bar, w_up_bar, b_up_bar), y
 
 
 def _expert_slice(params: ExpertFFNParams, e: int) -> ExpertFFNParams:

@@ -62,7 +62,7 @@ from .aux_losses import (
 )
 from .capacity import CapacityDraws, CapacityOptions, apply_capacity
 from .core import device_of, _take_along_axis
-from .dispatch import dispatch_combine, dispatch_combine_vjp
+from .dispatch import dispatch_combine, dispatch_combine_value_and_vjp, dispatch_combine_vjp
 from .expert_ffn import ExpertFFN, ExpertFFNParams, RELU_FFN, _named_params, check_expert_ffn_params
 from .router import (
     _check_cotangent_of,
@@ -90,6 +90,7 @@ __all__ = [
     "SparseMoEGrads",
     "sparse_moe_layer",
     "sparse_moe_layer_vjp",
+    "sparse_moe_layer_value_and_vjp",
     "GATE_LOSSES",
 ]
 
@@ -513,9 +514,16 @@ def sparse_moe_layer(
     """
     xp, draws = _check(x, params, options, draws)
     f = _forward(x, params, options, draws)
-    r = f.router_out
-    routed = dispatch_combine(r.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to,
+    routed = dispatch_combine(f.router_out.expert_input, f.routes, params.experts, options.ffn, apply_weight_to=options.apply_weight_to,
                               check_finite=False)  # (T, d)
+    return _layer_output(x, params, options, draws, f, routed, xp)
+
+
+def _layer_output(
+    x: Any, params: SparseMoEParams, options: SparseMoEOptions, draws: SparseMoEDraws, f: _Forward, routed: Any, xp: Any
+) -> SparseMoEOutput:
+    """The layer's output record from its routing ``f`` and the routed experts' output ``routed`` (T, d)."""
+    r = f.router_out
     y, shared = routed, None
     if options.shared is not None:
         shared = _combine_shared(x, routed, params.shared, options.shared, xp)
@@ -677,6 +685,73 @@ def sparse_moe_layer_vjp(
     _check_cotangent_of(cotangent_y, tuple(x.shape), x, "x", name="cotangent_y", what="the layer output, like x (T, d)")
     aux_cotangents = _aux_cotangents(options, aux_cotangents, x)
     r, routes, routed_y = _forward_state(x, params, options, draws, output)
+    return _layer_vjp(x, params, options, cotangent_y, draws, aux_cotangents, r, routes, routed_y, xp, with_output=False)[0]
+
+
+def sparse_moe_layer_value_and_vjp(
+    x: Any,
+    params: SparseMoEParams,
+    options: SparseMoEOptions,
+    cotangent_y: Any,
+    *,
+    draws: SparseMoEDraws | None = None,
+    aux_cotangents: SparseMoEAuxCotangents | None = None,
+) -> tuple[SparseMoEOutput, SparseMoEGrads]:
+    r"""The layer's output and its VJP in one call: ``(sparse_moe_layer(...), sparse_moe_layer_vjp(...))``.
+
+    The same two records as the two calls give, bit for bit on NumPy (the equations are those of
+    [`sparse_moe_layer`][moeref.sparse_moe.sparse_moe_layer] and
+    [`sparse_moe_layer_vjp`][moeref.sparse_moe.sparse_moe_layer_vjp]), for the cost of one forward
+    and one backward pass: the routing runs once, and the experts run through
+    [`dispatch_combine_value_and_vjp`][moeref.dispatch.dispatch_combine_value_and_vjp], which
+    computes each piece's hidden activations once for the output and the cotangents. The two
+    calls one after the other compute the router and the experts' first projection twice.
+
+    Parameters
+    ----------
+    x, params, options, cotangent_y, draws, aux_cotangents
+        As in [`sparse_moe_layer_vjp`][moeref.sparse_moe.sparse_moe_layer_vjp].
+
+    Returns
+    -------
+    output : SparseMoEOutput
+    grads : SparseMoEGrads
+
+    Notes
+    -----
+    With shared experts whose mixing weights depend on the routed output
+    (``options.shared.kind`` ``"residual_softmax"`` or ``"nllb_cmr"``) the cotangent that reaches
+    the routed experts depends on their output, so the experts' forward runs first and the VJP
+    after it, as in the two calls.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from moeref.sparse_moe import SparseMoEParams, SparseMoEOptions, sparse_moe_layer, sparse_moe_layer_value_and_vjp
+    >>> from moeref.router import RouterOptions, RouterParams
+    >>> from moeref.expert_ffn import ExpertFFNParams
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> experts = ExpertFFNParams(w_in=np.stack([np.eye(2), 2 * np.eye(2)]), w_out=np.stack([np.eye(2)] * 2))
+    >>> params = SparseMoEParams(RouterParams(np.array([[1.0, 0.0], [0.0, 1.0]])), experts)
+    >>> options = SparseMoEOptions(router=RouterOptions(k=1))
+    >>> out, grads = sparse_moe_layer_value_and_vjp(x, params, options, np.ones((2, 2)))
+    >>> np.array_equal(out.y, sparse_moe_layer(x, params, options).y), grads.x.shape
+    (True, (2, 2))
+    """
+    xp, draws = _check(x, params, options, draws)
+    _check_cotangent_of(cotangent_y, tuple(x.shape), x, "x", name="cotangent_y", what="the layer output, like x (T, d)")
+    aux_cotangents = _aux_cotangents(options, aux_cotangents, x)
+    f = _forward(x, params, options, draws)
+    grads, routed = _layer_vjp(x, params, options, cotangent_y, draws, aux_cotangents, f.router_out, f.routes, None, xp, with_output=True)
+    return _layer_output(x, params, options, draws, f, routed, xp), grads
+
+
+def _layer_vjp(
+    x: Any, params: SparseMoEParams, options: SparseMoEOptions, cotangent_y: Any, draws: SparseMoEDraws,
+    aux_cotangents: SparseMoEAuxCotangents, r: RouterOutput, routes: Routes, routed_y: Any, xp: Any, *, with_output: bool,
+) -> tuple[SparseMoEGrads, Any]:
+    """``(grads, routed output)`` of the layer from its routing; the routed output is ``routed_y``
+    as given, or computed (with ``with_output``; else None)."""
     rp = params.router
     rdraws = draws.router if draws.router is not None else RouterDraws()
 
@@ -690,8 +765,12 @@ def sparse_moe_layer_vjp(
         ct_routed, x_bar, shared_grads = sg.routed_y, sg.x, sg.params
 
     # 1. dispatch and combine
-    dg = dispatch_combine_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed, apply_weight_to=options.apply_weight_to,
-                              check_finite=False)
+    if with_output and routed_y is None:
+        routed_y, dg = dispatch_combine_value_and_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed,
+                                                      apply_weight_to=options.apply_weight_to, check_finite=False)
+    else:
+        dg = dispatch_combine_vjp(r.expert_input, routes, params.experts, options.ffn, ct_routed, apply_weight_to=options.apply_weight_to,
+                                  check_finite=False)
     x_exp = dg.x  # (T, d)
     if options.router.jitter_experts and rdraws.jitter is not None:
         x_exp = x_exp * rdraws.jitter
@@ -727,7 +806,7 @@ def sparse_moe_layer_vjp(
         xr_bar = xp.matmul(z_bar, xp.matrix_transpose(rp.weight))  # (T, d)
         x_bar = x_bar + (xr_bar if rdraws.jitter is None else xr_bar * rdraws.jitter)
     router_grads = rg.params._replace(weight=W_bar, bias=b_bar, noise_weight=noise_weight_bar)
-    return SparseMoEGrads(x=x_bar, params=SparseMoEParams(router=router_grads, experts=dg.experts, shared=shared_grads))
+    return SparseMoEGrads(x=x_bar, params=SparseMoEParams(router=router_grads, experts=dg.experts, shared=shared_grads)), routed_y
 
 
 def _is_zero(c: Any) -> bool:

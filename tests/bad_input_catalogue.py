@@ -973,6 +973,7 @@ def _register_ffn_dispatch_layers() -> None:
     register("dispatch.dispatch_combine", disp, valid=FREE_T | unread_pos)
     register("dispatch.dispatch_combine[input_weight]", lambda: {**disp(), "apply_weight_to": "input"}, valid=unread_pos)
     register("dispatch.dispatch_combine_vjp", lambda: {**disp(), "cotangent": _rng(43).normal(size=(T, D_MODEL))}, valid=unread_pos)
+    register("dispatch.dispatch_combine_value_and_vjp", lambda: {**disp(), "cotangent": _rng(43).normal(size=(T, D_MODEL))}, valid=unread_pos)
     register("dispatch.dense_dispatch_tensors", lambda: {"routes": _routes(), "num_experts": E, "capacity": 3},
              valid={"routes.*:size0+1": "T is free (all route fields must agree)"})
     register("dispatch.dense_dispatch_combine", lambda: {**disp(), "capacity": 3})
@@ -988,6 +989,8 @@ def _register_ffn_dispatch_layers() -> None:
     register("sparse_moe.sparse_moe_layer", lambda: {"x": _tokens(), "params": sparse_params(), "options": sopts}, valid=FREE_T,
              extra={"k>E": (("k",), lambda a: {**a, "options": dataclasses.replace(sopts, router=dataclasses.replace(sopts.router, k=E + 1))})})
     register("sparse_moe.sparse_moe_layer_vjp",
+             lambda: {"x": _tokens(), "params": sparse_params(), "options": sopts, "cotangent_y": _rng(44).normal(size=(T, D_MODEL))})
+    register("sparse_moe.sparse_moe_layer_value_and_vjp",
              lambda: {"x": _tokens(), "params": sparse_params(), "options": sopts, "cotangent_y": _rng(44).normal(size=(T, D_MODEL))})
 
     def soft_params():

@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import moeref
 from moeref.experts import LinearExpertsParams, linear_experts, linear_experts_vjp
 from moeref.gates import LinearSoftmaxGateParams, linear_softmax_gate, linear_softmax_gate_vjp
 from moeref.mixture import hard_mixture, hard_mixture_vjp, mixture, mixture_vjp
@@ -63,7 +62,6 @@ def test_building_blocks_agree_across_backends(backend, rng):
         grads = mixture_vjp(g, f, to(ct))
         return frm((y, hard_mixture(g, f), grads, linear_experts_vjp(to(x), to(ep), grads.expert_outputs)))
 
-    from moeref.backends import get_backend
 
     ref = run(lambda a: a if isinstance(a, tuple) else a, lambda t: t)
     out = run(backend.tree_from_numpy, backend.tree_to_numpy)

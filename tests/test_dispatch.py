@@ -12,6 +12,7 @@ from moeref.dispatch import (
     dense_dispatch_combine,
     dense_dispatch_tensors,
     dispatch_combine,
+    dispatch_combine_value_and_vjp,
     dispatch_combine_vjp,
 )
 from moeref.expert_ffn import GPT_OSS_SWIGLU, RELU_FFN, SWIGLU, ExpertFFN
@@ -317,6 +318,68 @@ def test_vjp_piece_sizes_do_not_change_the_cotangents_property(T, k, min_rows, c
     for a, b in zip(leaves(got), leaves(want)):
         assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert not np.any(got.experts.w_in[E - 1]) and not np.any(got.experts.b_out[E - 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Output and VJP in one pass
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_value_and_vjp_equals_the_two_calls(x, routes, p, ffn, ct, apply_weight_to):
+    y, g = dispatch_combine_value_and_vjp(x, routes, p, ffn, ct, apply_weight_to=apply_weight_to)
+    np.testing.assert_array_equal(y, dispatch_combine(x, routes, p, ffn, apply_weight_to=apply_weight_to))
+    want = dispatch_combine_vjp(x, routes, p, ffn, ct, apply_weight_to=apply_weight_to)
+    assert g.routes.expert_index is None and g.routes.kept is None
+    for a, b in zip(leaves(g), leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("apply_weight_to", ["output", "input"])
+@pytest.mark.parametrize("name,ffn,bias,scale", CASES, ids=[c[0] for c in CASES])
+def test_value_and_vjp_equals_the_forward_and_the_vjp_bit_for_bit(name, ffn, bias, scale, apply_weight_to, rng, small):
+    x, routes, d, I, E = small  # some routes dropped, expert 1 without tokens
+    p = make_params(rng, E, d, I, ffn, bias=bias, scale=scale)
+    _assert_value_and_vjp_equals_the_two_calls(x, routes, p, ffn, rng.normal(size=x.shape), apply_weight_to)
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+@pytest.mark.parametrize("apply_weight_to", ["output", "input"])
+def test_value_and_vjp_in_chunks_and_pieces(apply_weight_to, writeable, rng, tiny_pieces, monkeypatch):
+    """Chunks of different sizes and pieces of 2 rows, on written buffers and on concatenated
+    blocks (JAX's path); also for the plain-activation FFN (no gate)."""
+    if not writeable:
+        monkeypatch.setattr(dispatch_module, "_writeable", lambda like, xp: False)
+    T, d, I, E, k = 17, 4, 5, 3, 2
+    x, routes = rng.normal(size=(T, d)), make_routes(rng, T, k, E, drop=0.3)
+    for ffn, bias, scale in ((GPT_OSS_SWIGLU, True, 6.0), (RELU_FFN, True, 1.0)):
+        p = make_params(rng, E, d, I, ffn, bias=bias, scale=scale)
+        _assert_value_and_vjp_equals_the_two_calls(x, routes, p, ffn, rng.normal(size=x.shape), apply_weight_to)
+
+
+def test_value_and_vjp_agrees_across_backends(backend, rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, GPT_OSS_SWIGLU, scale=6.0)
+    ct = rng.normal(size=x.shape)
+
+    def run(x, routes, p, ct):
+        return tuple(dispatch_combine_value_and_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=a) for a in ("output", "input"))
+
+    want = run(x, routes, p, ct)
+    t = backend.tree_from_numpy
+    got = backend.tree_to_numpy(run(t(x), t(routes), t(p), t(ct)))
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_value_and_vjp_checks_its_arguments(rng, small):
+    x, routes, d, I, E = small
+    p = make_params(rng, E, d, I, SWIGLU)
+    with pytest.raises(ValueError, match="cotangent"):
+        dispatch_combine_value_and_vjp(x, routes, p, SWIGLU, np.ones((x.shape[0] + 1, d)))
+    with pytest.raises(ValueError, match="cotangent"):
+        dispatch_combine_value_and_vjp(x, routes, p, SWIGLU, np.full(x.shape, np.nan))
+    with pytest.raises(ValueError, match="apply_weight_to"):
+        dispatch_combine_value_and_vjp(x, routes, p, SWIGLU, np.ones(x.shape), apply_weight_to="both")
 
 
 def test_check_finite_false_skips_the_check_but_dropped_routes_still_count_zero(rng, small):

@@ -19,7 +19,14 @@ from moeref.shared_experts import (
     combine_shared_experts,
     combine_shared_experts_vjp,
 )
-from moeref.sparse_moe import SparseMoEAuxCotangents, SparseMoEOptions, SparseMoEParams, sparse_moe_layer, sparse_moe_layer_vjp
+from moeref.sparse_moe import (
+    SparseMoEAuxCotangents,
+    SparseMoEOptions,
+    SparseMoEParams,
+    sparse_moe_layer,
+    sparse_moe_layer_value_and_vjp,
+    sparse_moe_layer_vjp,
+)
 from conftest import assert_close
 from helpers import assert_vjp_correct, leaves
 from test_expert_ffn import make_params as make_ffn_params
@@ -172,6 +179,21 @@ def test_layer_vjp_with_shared_experts(rng, kind):
     ct_y = rng.normal(size=(T, D))
     for u, v in zip(leaves(sparse_moe_layer_vjp(x, params, options, ct_y, output=out)), leaves(sparse_moe_layer_vjp(x, params, options, ct_y))):
         assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_value_and_vjp_with_shared_experts(rng, kind):
+    """One call gives the forward's output and the VJP's cotangents exactly; for residual_softmax
+    and nllb_cmr (mixing weights that depend on the routed output) through the fallback that runs
+    the experts' forward first."""
+    options, params, x = tie_free(rng, kind)
+    ct = rng.normal(size=(T, D))
+    aux = SparseMoEAuxCotangents(load_balancing=0.3, shared_budget=0.7 if kind == "nllb_cmr" else 0.0)
+    out, grads = sparse_moe_layer_value_and_vjp(x, params, options, ct, aux_cotangents=aux)
+    for u, v in zip(leaves(out), leaves(sparse_moe_layer(x, params, options)), strict=True):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(leaves(grads), leaves(sparse_moe_layer_vjp(x, params, options, ct, aux_cotangents=aux)), strict=True):
+        np.testing.assert_array_equal(u, v)
 
 
 # --------------------------------------------------------------------------------------------

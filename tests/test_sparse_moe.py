@@ -23,6 +23,7 @@ from moeref.sparse_moe import (
     SparseMoEOptions,
     SparseMoEParams,
     sparse_moe_layer,
+    sparse_moe_layer_value_and_vjp,
     sparse_moe_layer_vjp,
 )
 from conftest import assert_close
@@ -215,6 +216,67 @@ def test_sparse_moe_layer_agrees_across_backends(backend):
     got = backend.tree_to_numpy(run(t(x), t(p), t(ct)))
     for a, b in zip(leaves(got), leaves(want)):
         assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Output and VJP in one call
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_equal_records(got, want):
+    got_leaves, want_leaves = leaves(got), leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for u, v in zip(got_leaves, want_leaves):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("name", list(VJP_CASES))
+def test_value_and_vjp_equals_the_layer_and_its_vjp_bit_for_bit(name):
+    options, kw = VJP_CASES[name]
+    options = dataclasses.replace(options, load_balancing_coef=0.1, z_loss_coef=0.01)
+    rng, x, p = tie_free_case(options.ffn, options, **kw)
+    ct = rng.normal(size=(T, D))
+    aux = SparseMoEAuxCotangents(load_balancing=0.5, z_loss=-0.25)
+    out, grads = sparse_moe_layer_value_and_vjp(x, p, options, ct, aux_cotangents=aux)
+    _assert_equal_records(out, sparse_moe_layer(x, p, options))
+    _assert_equal_records(grads, sparse_moe_layer_vjp(x, p, options, ct, aux_cotangents=aux))
+
+
+@pytest.mark.parametrize("name", ["switch", "deepseek_v3"])
+def test_value_and_vjp_of_presets_with_groups_drops_and_shared_experts(name):
+    make, kw = PRESET_CALLS[name]
+    options = make()
+    rng, x, p = tie_free_case(options.ffn, options, E=8, **kw)
+    ct = rng.normal(size=(T, D))
+    out, grads = sparse_moe_layer_value_and_vjp(x, p, options, ct)
+    _assert_equal_records(out, sparse_moe_layer(x, p, options))
+    _assert_equal_records(grads, sparse_moe_layer_vjp(x, p, options, ct))
+
+
+def test_value_and_vjp_agrees_across_backends(backend):
+    options, kw = VJP_CASES["capacity_drop_after_scaled"]
+    options = dataclasses.replace(options, ffn=SWIGLU, load_balancing_coef=0.1, z_loss_coef=0.01)
+    rng, x, p = tie_free_case(SWIGLU, options, **kw)
+    ct = rng.normal(size=(T, D))
+
+    def run(x, p, ct):
+        out, g = sparse_moe_layer_value_and_vjp(x, p, options, ct)
+        return (out.y, out.logits, out.scores, out.routes, out.counts_before, out.counts_after, out.load_balancing_loss, out.z_loss, g)
+
+    want = run(x, p, ct)
+    t = backend.tree_from_numpy
+    got = backend.tree_to_numpy(run(t(x), t(p), t(ct)))
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_value_and_vjp_refuses_a_bad_cotangent():
+    options, kw = VJP_CASES["mixtral_aux"]
+    rng, x, p = tie_free_case(options.ffn, options, **kw)
+    with pytest.raises(ValueError, match="cotangent_y"):
+        sparse_moe_layer_value_and_vjp(x, p, options, np.ones((T + 1, D)))
+    with pytest.raises(ValueError, match="aux_cotangents.load"):
+        sparse_moe_layer_value_and_vjp(x, p, options, np.ones((T, D)), aux_cotangents=SparseMoEAuxCotangents(load=1.0))
 
 
 # --------------------------------------------------------------------------------------------

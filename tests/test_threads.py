@@ -11,7 +11,7 @@ pytest.importorskip("threadpoolctl")
 
 import moeref.dispatch as dispatch_module
 from moeref.backends.threads import expert_threads
-from moeref.dispatch import dispatch_combine, dispatch_combine_vjp
+from moeref.dispatch import dispatch_combine, dispatch_combine_value_and_vjp, dispatch_combine_vjp
 from moeref.expert_ffn import GPT_OSS_SWIGLU, SWIGLU
 from moeref.presets import mixtral
 from moeref.router import RouterParams
@@ -46,10 +46,13 @@ def test_threads_give_the_sequential_numbers_bit_for_bit(apply_weight_to, worker
         assert (dispatch_module._JOB_MAP.get() is None) == (workers == 1)  # one worker: the plain loop
         y2 = dispatch_combine(x, routes, p, GPT_OSS_SWIGLU, apply_weight_to=apply_weight_to)
         g2 = dispatch_combine_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
+        y3, g3 = dispatch_combine_value_and_vjp(x, routes, p, GPT_OSS_SWIGLU, ct, apply_weight_to=apply_weight_to)
     assert dispatch_module._JOB_MAP.get() is None  # restored
     np.testing.assert_array_equal(y2, y)
-    for a, b in zip(leaves(g2), leaves(g)):
+    np.testing.assert_array_equal(y3, y)
+    for a, b, c in zip(leaves(g2), leaves(g), leaves(g3), strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
     assert not np.any(g2.experts.w_in[-1])  # the expert without tokens: zeros
 
 

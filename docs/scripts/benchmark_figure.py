@@ -2,7 +2,7 @@
 
 Reads benchmarks/results/sparse_layer-latest.json (written by benchmarks/sparse_layer.py) and draws, per
 thread count, for each workload and dtype: the forward of ``sparse_moe_layer`` and of ``dispatch_combine``
-over the forward GEMM bound, ``sparse_moe_layer_vjp`` over the forward+backward GEMM bound, and
+over the forward GEMM bound, ``sparse_moe_layer_value_and_vjp`` (output and VJP) over the forward+backward GEMM bound, and
 ``sparse_moe_layer`` on torch tensors over HF's ``MixtralSparseMoeBlock``. Bars are the medians of the
 per-round ratios, whiskers their range; the lines mark the targets (1.25, 1.35, 1).
 
@@ -31,9 +31,10 @@ THREADS_DATA = ROOT / "benchmarks" / "results" / "sparse_layer-expert-threads.js
 OUT = ROOT / "docs" / "img" / "sparse_layer_benchmark.png"
 SERIES = [  # candidate, label, colour
     ("swiglu_floor", "NumPy floor (GEMMs + in-place SwiGLU) / GEMM bound", "#bbbbbb"),
-    ("layer", "layer forward / GEMM bound", "#1f77b4"),
+    ("tuned_dispatch", "tuned NumPy dispatch / GEMM bound", "#dddddd"),
     ("dispatch", "dispatch_combine / GEMM bound", "#9ecae1"),
-    ("layer_vjp", "layer VJP / fwd+bwd GEMM bound", "#ff7f0e"),
+    ("layer", "layer forward / GEMM bound", "#1f77b4"),
+    ("layer_value_and_vjp", "layer output + VJP / fwd+bwd GEMM bound", "#ff7f0e"),
     ("layer_torch", "layer on torch / HF Mixtral", "#2ca02c"),
 ]
 TARGETS = [(1.25, "--", "forward target 1.25"), (1.35, ":", "VJP target 1.35"), (1.0, "-", "HF / bound = 1")]
@@ -44,10 +45,10 @@ def _ratio(v: dict | None) -> str:
 
 
 def sparse_table(doc: dict) -> str:
-    """Markdown table: one row per (threads, workload, dtype)."""
+    """Markdown tables, one row per (threads, workload, dtype): the forward, then the VJP."""
     head = (
-        "| threads | workload | dtype | GEMM bound fwd | NumPy floor | layer fwd | dispatch fwd | layer VJP (forward inside) "
-        "| dispatch VJP | torch layer / HF | peak memory (layer) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| threads | workload | dtype | GEMM bound fwd | NumPy floor | tuned NumPy dispatch | dispatch fwd | dispatch / tuned "
+        "| layer fwd | torch layer / HF | peak memory (layer) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for c in doc["cells"]:
@@ -56,11 +57,27 @@ def sparse_table(doc: dict) -> str:
         mem_s = "n/a" if mem is None else f"{max(mem['peak_over_Tkd']):.2f} Tkd (spread {100 * mem['spread']:.0f}%)"
         rows.append(
             f"| {c['threads']} | {c['workload']['name']} | {c['dtype']} | {k['gemm_fwd']['median_seconds'] * 1e3:.0f} ms "
-            f"({c['gemm_fwd_gflops']:.0f} GF/s) | {_ratio(k.get('swiglu_floor'))} | {_ratio(k.get('layer'))} | {_ratio(k.get('dispatch'))} | "
-            f"{_ratio(k.get('layer_vjp'))} | {_ratio(k.get('dispatch_vjp'))} | {_ratio(k.get('layer_torch'))} | {mem_s} |"
+            f"({c['gemm_fwd_gflops']:.0f} GF/s) | {_ratio(k.get('swiglu_floor'))} | {_ratio(k.get('tuned_dispatch'))} | "
+            f"{_ratio(k.get('dispatch'))} | {_ratio(c.get('dispatch_over_tuned'))} | {_ratio(k.get('layer'))} | "
+            f"{_ratio(k.get('layer_torch'))} | {mem_s} |"
         )
-    growth = [g for g in doc.get("growth", []) if g["candidate"] in ("gemm_fwd", "layer", "dispatch")]
     text = head + "\n".join(rows) + "\n"
+    head = (
+        "\n| threads | workload | dtype | GEMM bound fwd+bwd | layer output + VJP (`value_and_vjp`) | layer VJP alone "
+        "| dispatch VJP alone |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for c in doc["cells"]:
+        k = c["candidates"]
+        if "gemm_fwd_bwd" not in k:
+            continue
+        rows.append(
+            f"| {c['threads']} | {c['workload']['name']} | {c['dtype']} | {k['gemm_fwd_bwd']['median_seconds'] * 1e3:.0f} ms | "
+            f"{_ratio(k.get('layer_value_and_vjp'))} | {_ratio(k.get('layer_vjp'))} | {_ratio(k.get('dispatch_vjp'))} |"
+        )
+    if rows:
+        text += head + "\n".join(rows) + "\n"
+    growth = [g for g in doc.get("growth", []) if g["candidate"] in ("gemm_fwd", "layer", "dispatch")]
     if growth:
         text += "\n| threads | dtype | candidate | time C / time A (FLOPs x8) | over the bound's C / A |\n|---|---|---|---|---|\n"
         text += "\n".join(
@@ -72,7 +89,8 @@ def sparse_table(doc: dict) -> str:
 
 def threads_table(doc: dict) -> str:
     """Markdown table of a ``sparse_layer.py --expert-threads`` run: each candidate with and without expert threads."""
-    names = [("layer", "layer fwd"), ("dispatch", "dispatch fwd"), ("layer_vjp", "layer VJP"), ("dispatch_vjp", "dispatch VJP")]
+    names = [("layer", "layer fwd"), ("dispatch", "dispatch fwd"), ("layer_value_and_vjp", "layer output + VJP"), ("layer_vjp", "layer VJP"),
+             ("dispatch_vjp", "dispatch VJP")]
     text = "| threads | workload | dtype | " + " | ".join(f"{label} | {label}, expert threads" for _, label in names) + " |\n"
     text += "|---|---|---|" + "---|" * (2 * len(names)) + "\n"
     for c in doc["cells"]:
@@ -119,7 +137,9 @@ def main() -> None:
                 hi.append(np.nan if v is None else v["ratio_max"] - v["ratio"])
             pos = x + (i - (len(SERIES) - 1) / 2) * width
             ax.bar(pos, med, width, color=colour, label=label, yerr=[lo, hi], error_kw={"elinewidth": 0.7, "capsize": 1.5})
-            top = max(top, np.nanmax(np.asarray(med) + np.asarray(hi)))
+            tops = np.asarray(med) + np.asarray(hi)
+            if np.isfinite(tops).any():  # a candidate the run did not time has no bars
+                top = max(top, np.nanmax(tops))
         for y, style, label in TARGETS:
             ax.axhline(y, color="k", lw=0.8, ls=style, label=label)
         ax.set_xticks(x, labels, fontsize=8)
