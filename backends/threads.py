@@ -35,7 +35,8 @@ def expert_threads(workers: int, *, blas_threads: int = 1) -> Iterator[None]:
     """Inside the block, sorted dispatches run their experts on ``workers`` threads.
 
     Covers [`dispatch_combine`][moeref.dispatch.dispatch_combine],
-    [`dispatch_combine_vjp`][moeref.dispatch.dispatch_combine_vjp] and the layers built on them
+    [`dispatch_combine_vjp`][moeref.dispatch.dispatch_combine_vjp],
+    [`dispatch_combine_value_and_vjp`][moeref.dispatch.dispatch_combine_value_and_vjp] and the layers built on them
     ([`sparse_moe_layer`][moeref.sparse_moe.sparse_moe_layer] and its VJP among them) called from
     this thread (the setting is a context variable: other threads keep the default).
 
