@@ -48,11 +48,19 @@ def _count(folder: Path) -> int:
         return 0
 
 
+# ``python -m moeref.cli`` with Python's own Ctrl-C handling restored first. A process started
+# with SIGINT ignored (a background job of a non-interactive shell: ``nohup pytest &``, some CI
+# runners) passes the ignored disposition on across exec, and Python then raises no
+# KeyboardInterrupt at all: the child would finish its run instead of being interrupted.
+CLI = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+       "sys.argv[0] = 'moeref'; runpy.run_module('moeref.cli', run_name='__main__')")
+
+
 def _start_and_wait(folder: Path, new_files: int, may_finish: bool = False) -> subprocess.Popen:
     """Start ``moeref vectors --out folder``; return once its staging folder holds ``new_files`` more files
     (or, with ``may_finish``, once the run ended)."""
     already = _count(folder)
-    proc = subprocess.Popen([sys.executable, "-m", "moeref.cli", "vectors", "--out", str(folder)],
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "vectors", "--out", str(folder)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=folder.parent)
     partial = staging.staging_path(folder)
     deadline = time.monotonic() + TIMEOUT
