@@ -63,7 +63,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
-from tuned_numpy import TunedNumPyDispatch  # noqa: E402
+from tuned_numpy import TunedNumPyDispatch, swiglu_into  # noqa: E402
 
 from moeref.dispatch import dispatch_combine, dispatch_combine_vjp  # noqa: E402
 from moeref.expert_ffn import ExpertFFNParams  # noqa: E402
@@ -141,7 +141,6 @@ class GemmBound:
         self.dz = [np.empty((c, w.I), dtype) for c in n]
         self.dx = [np.empty((c, w.d), dtype) for c in n]
         self.t = [np.empty((c, w.I), dtype) for c in n]  # SwiGLU workspace (swiglu_floor)
-        self.I = w.I
         self.active = [e for e in range(w.E) if n[e] > 0]
 
     def forward(self) -> None:
@@ -154,15 +153,9 @@ class GemmBound:
         preallocated buffers: ``t = 1 + exp(-g)``, ``z = g u / t``): what any NumPy implementation of
         this FFN costs before it gathers or combines a single token."""
         for e in self.active:
-            h, z, t = self.h[e], self.z[e], self.t[e]
-            np.matmul(self.x[e], self.w_in[e], out=h)
-            g, u = h[:, : self.I], h[:, self.I :]
-            np.negative(g, out=t)
-            np.exp(t, out=t)
-            t += 1.0
-            np.multiply(g, u, out=z)
-            z /= t
-            np.matmul(z, self.w_out[e], out=self.y[e])
+            np.matmul(self.x[e], self.w_in[e], out=self.h[e])
+            swiglu_into(self.h[e], self.t[e], self.z[e])
+            np.matmul(self.z[e], self.w_out[e], out=self.y[e])
 
     def forward_backward(self) -> None:
         self.forward()

@@ -25,6 +25,19 @@ import numpy as np
 from moeref.dispatch import _COMBINE_ELEMENTS, _token_chunks  # the same chunks and combine pieces as moeref's
 
 
+def swiglu_into(h: np.ndarray, t: np.ndarray, z: np.ndarray) -> None:
+    """``z = g u / (1 + e^{-g})`` for ``h = [g | u]`` (n, 2I), in NumPy's fewest passes: in place,
+    ``t`` (n, I) as workspace, no temporaries (five passes: negate, exponential, add one, multiply,
+    divide)."""
+    half = h.shape[1] // 2
+    g, u = h[:, :half], h[:, half:]
+    np.negative(g, out=t)
+    np.exp(t, out=t)
+    t += 1.0
+    np.multiply(g, u, out=z)
+    z /= t
+
+
 class TunedNumPyDispatch:
     """``dispatch_combine(x, routes, experts, SWIGLU)`` (output weighting, gate first in ``w_in``) in tuned NumPy.
 
@@ -79,12 +92,7 @@ class TunedNumPyDispatch:
             xs, h, t, z = self.xs[:n], self.h[:n], self.t[:n], self.z[:n]
             np.take(x, token[a:b], axis=0, out=xs)
             np.matmul(xs, self.w_in[e], out=h)
-            g, u = h[:, : self.I], h[:, self.I :]
-            np.negative(g, out=t)
-            np.exp(t, out=t)
-            t += 1.0
-            np.multiply(g, u, out=z)
-            z /= t
+            swiglu_into(h, t, z)
             np.matmul(z, self.w_out[e], out=self.rows[a:b])
         self.rows[kept] = 0.0
         inverse = self.inverse[:n_routes]
