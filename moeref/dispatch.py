@@ -352,6 +352,11 @@ def _for_each_expert(job: Callable[[int], Any], plan: _Plan, writeable: bool) ->
     return _for_each(job, [e for e in range(len(plan.bounds) - 1) if plan.bounds[e + 1] > plan.bounds[e]], writeable)
 
 
+def _combine_weight(routes: Routes, apply_weight_to: str, xp: Any) -> Any:
+    """The combine's $(T, k)$ weights: the route weights, 0 for a dropped route; None when they multiply the input."""
+    return xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
+
+
 def _combine_into(out: _Rows, t_offset: int, sorted_rows: _Rows, plan: _Plan, weight: Any, xp: Any) -> None:
     r"""$\mathrm{out}_t = \sum_j w_{tj}\, \mathrm{rows}[\mathrm{row}_{tj}]$ with a zero row appended: a gather, no scatter.
 
@@ -496,7 +501,7 @@ def dispatch_combine(
     [[3.25], [20.0]]
     """
     xp, T, k, E = _check_call(x, routes, experts, ffn, apply_weight_to, check_finite)
-    weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
+    weight = _combine_weight(routes, apply_weight_to, xp)
     chunk_rows, plans = _chunk_plans(routes, E, xp)
     out = _Rows(T, x, xp)  # (T, d)
     sorted_rows = _Rows(chunk_rows + 1, x, xp)  # (R_c + 1, d), reused by every chunk
@@ -636,7 +641,7 @@ def _vjp_pass(
     if with_output:
         out = _Rows(T, x, xp)  # (T, d)
         y_rows = _Rows(chunk_rows + 1, x, xp)  # (R_c + 1, d) expert outputs in sorted order, as in the forward
-        weight = xp.where(routes.kept, routes.weight, xp.zeros_like(routes.weight)) if apply_weight_to == "output" else None
+        weight = _combine_weight(routes, apply_weight_to, xp)
     grads = _ExpertGrads(experts, xp)
     w_bar = []
     for t0, t1, plan in plans:

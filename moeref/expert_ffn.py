@@ -442,10 +442,21 @@ def _pre_activations(x: Any, p: ExpertFFNParams, ffn: ExpertFFN, xp: Any) -> tup
     return _gate_and_up(x, h, p, ffn, xp)  # (..., n, I) each
 
 
+def _hidden(h: Any, u: Any, ffn: ExpertFFN, xp: Any) -> Any:
+    r"""$z$, the input of ``w_out``: $\phi(h)$ (plain) or the GLU of the gate ``h`` and ``u`` (gated)."""
+    return _act(h, ffn, xp) if u is None else _glu(h, u, ffn, xp)  # (..., n, I)
+
+
+def _project_out(z: Any, p: ExpertFFNParams, xp: Any) -> Any:
+    r"""$z W_{\mathrm{out}} + b_{\mathrm{out}}$."""
+    y = xp.matmul(z, p.w_out)  # (..., n, d)
+    return y if p.b_out is None else y + p.b_out
+
+
 def _ffn_hidden(x: Any, p: ExpertFFNParams, ffn: ExpertFFN, xp: Any) -> tuple[Any, Any, Any]:
     """``(h, u, z)``: pre-activation (plain) or gate (gated), up projection (gated only) and the input of ``w_out``."""
     h, u = _pre_activations(x, p, ffn, xp)
-    return h, u, (_act(h, ffn, xp) if u is None else _glu(h, u, ffn, xp))  # z: (..., n, I)
+    return h, u, _hidden(h, u, ffn, xp)
 
 
 class _Factors(NamedTuple):
@@ -476,19 +487,15 @@ def _activation_with_factors(h: Any, u: Any, ffn: ExpertFFN, xp: Any) -> tuple[A
 
 def _ffn_forward(x: Any, p: ExpertFFNParams, ffn: ExpertFFN, xp: Any) -> tuple[Any, _Cache]:
     h, u, z = _ffn_hidden(x, p, ffn, xp)
-    y = xp.matmul(z, p.w_out)  # (..., n, d)
-    if p.b_out is not None:
-        y = y + p.b_out
-    return y, _Cache(h=h, u=u, z=z)
+    return _project_out(z, p, xp), _Cache(h=h, u=u, z=z)
 
 
 def _ffn_output(x: Any, p: ExpertFFNParams, ffn: ExpertFFN, xp: Any) -> Any:
     r"""$\mathrm{FFN}(x)$ of one block, keeping no intermediate (each is freed before the next is made)."""
     h, u = _pre_activations(x, p, ffn, xp)
-    z = _act(h, ffn, xp) if u is None else _glu(h, u, ffn, xp)  # (n, I)
+    z = _hidden(h, u, ffn, xp)  # (n, I)
     del h, u  # the (n, K) projection is freed before the output is allocated
-    y = xp.matmul(z, p.w_out)  # (n, d)
-    return y if p.b_out is None else y + p.b_out
+    return _project_out(z, p, xp)
 
 
 def _hidden_backward_from(
@@ -548,10 +555,7 @@ def _weighted_ffn_vjp(
     numbers) from the pre-activations computed here.
     """
     h, u = _pre_activations(x, p, ffn, xp)
-    y = None
-    if with_output:
-        y = xp.matmul(_act(h, ffn, xp) if u is None else _glu(h, u, ffn, xp), p.w_out)  # (n, d)
-        y = y if p.b_out is None else y + p.b_out
+    y = _project_out(_hidden(h, u, ffn, xp), p, xp) if with_output else None  # (n, d)
     z, factors = _activation_with_factors(h, u, ffn, xp)  # (n, I)
     z_hat = xp.matmul(cotangent, xp.matrix_transpose(p.w_out))  # (n, I)
     w_bar = xp.vecdot(z_hat, z, axis=-1)  # (n,)

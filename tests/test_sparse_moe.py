@@ -200,6 +200,11 @@ def test_renormalising_after_capacity_gives_kept_routes_full_weight():
 # --------------------------------------------------------------------------------------------
 
 
+def _compared_fields(out, grads):
+    """The array fields of a layer output (no Python ints) and the gradients, for backend comparisons."""
+    return (out.y, out.logits, out.scores, out.routes, out.counts_before, out.counts_after, out.load_balancing_loss, out.z_loss, grads)
+
+
 def test_sparse_moe_layer_agrees_across_backends(backend):
     options, kw = VJP_CASES["capacity_drop_after_scaled"]
     options = dataclasses.replace(options, ffn=SWIGLU, load_balancing_coef=0.1, z_loss_coef=0.01)
@@ -207,9 +212,7 @@ def test_sparse_moe_layer_agrees_across_backends(backend):
     ct = rng.normal(size=(T, D))
 
     def run(x, p, ct):
-        out = sparse_moe_layer(x, p, options)
-        g = sparse_moe_layer_vjp(x, p, options, ct)
-        return (out.y, out.logits, out.scores, out.routes, out.counts_before, out.counts_after, out.load_balancing_loss, out.z_loss, g)
+        return _compared_fields(sparse_moe_layer(x, p, options), sparse_moe_layer_vjp(x, p, options, ct))
 
     want = run(x, p, ct)
     t = backend.tree_from_numpy
@@ -260,8 +263,7 @@ def test_value_and_vjp_agrees_across_backends(backend):
     ct = rng.normal(size=(T, D))
 
     def run(x, p, ct):
-        out, g = sparse_moe_layer_value_and_vjp(x, p, options, ct)
-        return (out.y, out.logits, out.scores, out.routes, out.counts_before, out.counts_after, out.load_balancing_loss, out.z_loss, g)
+        return _compared_fields(*sparse_moe_layer_value_and_vjp(x, p, options, ct))
 
     want = run(x, p, ct)
     t = backend.tree_from_numpy
