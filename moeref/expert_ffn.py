@@ -330,6 +330,11 @@ def _exp_neg(h: Any, beta: float, xp: Any) -> Any:
     return xp.exp(-h) if beta == 1.0 else xp.exp(h * (-beta))
 
 
+def _one_plus_exp_neg(h: Any, beta: float, xp: Any) -> Any:
+    r"""$t = 1 + e^{-\beta h}$, the denominator of $\mathrm{silu}_\beta(h) = h / t$ and of $\sigma(\beta h) = 1 / t$."""
+    return _exp_neg(h, beta, xp) + 1.0
+
+
 def _act(h: Any, ffn: ExpertFFN, xp: Any) -> Any:
     a = ffn.activation
     if a == "relu":
@@ -339,7 +344,7 @@ def _act(h: Any, ffn: ExpertFFN, xp: Any) -> Any:
     if a == "gelu_tanh":
         return 0.5 * h * (1.0 + xp.tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h)))
     if a == "silu":  # h sigma(beta h) = h / (1 + e^{-beta h})
-        return h / (1.0 + _exp_neg(h, ffn.swish_beta, xp))
+        return h / _one_plus_exp_neg(h, ffn.swish_beta, xp)
     if a == "sigmoid":
         return sigmoid(h)
     return h  # identity
@@ -357,10 +362,11 @@ def _act_and_grad(h: Any, ffn: ExpertFFN, xp: Any) -> tuple[Any, Any]:
         t = xp.tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h))
         value = 0.5 * h * (1.0 + t)
         return value, 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h)
-    if a == "silu":  # s = sigma(beta h); phi = h s; phi' = s + beta h s (1 - s) = s + beta (phi - phi s)
+    if a == "silu":  # t = 1 + e^{-beta h}, s = 1/t; phi = h/t; phi' = s + beta h s (1 - s) = s + beta (phi - phi s)
         beta = ffn.swish_beta
-        s = 1.0 / (1.0 + _exp_neg(h, beta, xp))
-        value = h * s
+        t = _one_plus_exp_neg(h, beta, xp)
+        value = h / t  # as _act and _silu_times compute it, so that z from the factors is the forward's z bit for bit
+        s = 1.0 / t
         grad = value - value * s
         return value, s + (grad if beta == 1.0 else beta * grad)
     if a == "sigmoid":
@@ -410,16 +416,17 @@ def _gate_and_up(x: Any, h: Any, p: ExpertFFNParams, ffn: ExpertFFN, xp: Any) ->
 
 
 def _silu_times(g: Any, v: Any, beta: float, xp: Any) -> Any:
-    r"""$\mathrm{silu}_\beta(g)\, v = g v / (1 + e^{-\beta g})$ in 5 passes (one ``min`` more to rule out overflow).
+    r"""$\mathrm{silu}_\beta(g)\, v = (g / (1 + e^{-\beta g}))\, v$ in 5 passes (one ``min`` more to rule out overflow).
 
     Measured against the alternatives on NumPy and PyTorch CPU (float32 and float64):
     $\tfrac{g v}{2}(1 + \tanh\tfrac{\beta g}{2})$ has as many passes, loses relative accuracy for
     very negative $g$ and is slower in float64; $g\,\sigma(\beta g)\, v$ through the two-branch
-    [`core.sigmoid`][moeref.core.sigmoid] takes twice the passes.
+    [`core.sigmoid`][moeref.core.sigmoid] takes twice the passes. The order of operations is
+    ``_act_and_grad``'s ($\phi = g / t$, then times $v$), so that ``_activation_with_factors``
+    returns this $z$ bit for bit and ``value_and_vjp`` need not compute it twice.
     """
-    t = _exp_neg(g, beta, xp) + 1.0
-    z = g * v
-    z /= t  # in place into the fresh product: one (n, I) temporary fewer (autograd-safe: the product saved nothing of itself)
+    z = g / _one_plus_exp_neg(g, beta, xp)
+    z *= v  # in place into the fresh quotient: one (n, I) temporary fewer (torch autograd keeps what the product needs)
     return z
 
 
@@ -551,12 +558,12 @@ def _weighted_ffn_vjp(
     + \langle c_r, b_{\mathrm{out}}\rangle$ (no second forward matmul), $\bar z = w \hat z$,
     $\bar W_{\mathrm{out}} = z^\top (w c)$, $\bar b_{\mathrm{out}} = w^\top c$.
     ``weight`` has shape (n, 1); ``w_bar`` is returned with shape (n,). ``y`` is None, or with
-    ``with_output`` the unweighted $\mathrm{FFN}(x)$ by ``_ffn_output``'s operations (so the same
-    numbers) from the pre-activations computed here.
+    ``with_output`` the unweighted $\mathrm{FFN}(x)$, from the $z$ the factors come with (which
+    ``_activation_with_factors`` computes with ``_hidden``'s operations: the forward's numbers).
     """
     h, u = _pre_activations(x, p, ffn, xp)
-    y = _project_out(_hidden(h, u, ffn, xp), p, xp) if with_output else None  # (n, d)
-    z, factors = _activation_with_factors(h, u, ffn, xp)  # (n, I)
+    z, factors = _activation_with_factors(h, u, ffn, xp)  # (n, I); z is _hidden's, bit for bit
+    y = _project_out(z, p, xp) if with_output else None  # (n, d)
     z_hat = xp.matmul(cotangent, xp.matrix_transpose(p.w_out))  # (n, I)
     w_bar = xp.vecdot(z_hat, z, axis=-1)  # (n,)
     if p.b_out is not None:
