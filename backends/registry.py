@@ -13,6 +13,7 @@ _BACKENDS: dict[str, Backend] = {
         numpy_backend.BACKEND,
         strict_backend.BACKEND,
         strict_backend.STRICTEST,
+        strict_backend.ON_DEVICE,
         torch_backend.BACKEND,
         jax_backend.BACKEND,
         cupy_backend.BACKEND,

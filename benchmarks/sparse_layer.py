@@ -150,7 +150,7 @@ class GemmBound:
 
     def swiglu_floor(self) -> None:
         """The bound plus SwiGLU's elementwise work in NumPy's fewest passes (in place, into
-        preallocated buffers: ``t = 1 + exp(-g)``, ``z = g u / t``): what any NumPy implementation of
+        preallocated buffers: ``t = 1 + exp(-g)``, ``z = (g / t) u``): what any NumPy implementation of
         this FFN costs before it gathers or combines a single token."""
         for e in self.active:
             np.matmul(self.x[e], self.w_in[e], out=self.h[e])

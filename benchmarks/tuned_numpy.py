@@ -26,16 +26,16 @@ from moeref.dispatch import _COMBINE_ELEMENTS, _token_chunks  # the same chunks 
 
 
 def swiglu_into(h: np.ndarray, t: np.ndarray, z: np.ndarray) -> None:
-    """``z = g u / (1 + e^{-g})`` for ``h = [g | u]`` (n, 2I), in NumPy's fewest passes: in place,
-    ``t`` (n, I) as workspace, no temporaries (five passes: negate, exponential, add one, multiply,
-    divide)."""
+    """``z = (g / (1 + e^{-g})) u`` for ``h = [g | u]`` (n, 2I), in NumPy's fewest passes: in place,
+    ``t`` (n, I) as workspace, no temporaries (five passes: negate, exponential, add one, divide,
+    multiply; moeref's order of operations, so the same numbers)."""
     half = h.shape[1] // 2
     g, u = h[:, :half], h[:, half:]
     np.negative(g, out=t)
     np.exp(t, out=t)
     t += 1.0
-    np.multiply(g, u, out=z)
-    z /= t
+    np.divide(g, t, out=z)
+    z *= u
 
 
 class TunedNumPyDispatch:
