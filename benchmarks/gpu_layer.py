@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
-from sparse_layer import QUICK, WORKLOADS, Workload, make_inputs  # noqa: E402
+from sparse_layer import QUICK, WORKLOADS, GemmBound, Workload, make_inputs  # noqa: E402
 
 from moeref.dispatch import dispatch_combine  # noqa: E402
 from moeref.expert_ffn import ExpertFFNParams  # noqa: E402
@@ -114,47 +114,6 @@ def available(name: str, device: str) -> str | None:
     return None
 
 
-class GemmBound:
-    """The expert matmuls alone on the device: operands gathered beforehand, outputs preallocated."""
-
-    def __init__(self, lib: Library, w: Workload, counts: np.ndarray, params: SparseMoEParams, dtype: Any, seed: int = 1):
-        rng = np.random.default_rng(seed)
-        n = [int(c) for c in counts]
-        self.lib = lib
-        self.active = [e for e in range(w.E) if n[e] > 0]
-        put = lib.put
-        self.w_in = [put(params.experts.w_in[e]) for e in range(w.E)]  # (d, 2I)
-        self.w_out = [put(params.experts.w_out[e]) for e in range(w.E)]  # (I, d)
-        self.w_in_t = [put(np.ascontiguousarray(params.experts.w_in[e].T)) for e in range(w.E)]  # (2I, d)
-        self.w_out_t = [put(np.ascontiguousarray(params.experts.w_out[e].T)) for e in range(w.E)]  # (d, I)
-        self.x = [put(rng.standard_normal((c, w.d)).astype(dtype)) for c in n]
-        self.z = [put(rng.standard_normal((c, w.I)).astype(dtype)) for c in n]
-        self.h = [put(np.empty((c, 2 * w.I), dtype)) for c in n]
-        self.y = [put(np.empty((c, w.d), dtype)) for c in n]
-        self.dz = [put(np.empty((c, w.I), dtype)) for c in n]
-        self.dx = [put(np.empty((c, w.d), dtype)) for c in n]
-        self.dw_in = [put(np.empty((w.d, 2 * w.I), dtype)) for _ in n]
-        self.dw_out = [put(np.empty((w.I, w.d), dtype)) for _ in n]
-
-    def forward(self) -> None:
-        mm = self.lib.matmul
-        for e in self.active:
-            mm(self.x[e], self.w_in[e], out=self.h[e])
-            mm(self.z[e], self.w_out[e], out=self.y[e])
-        self.lib.sync()
-
-    def forward_backward(self) -> None:
-        mm = self.lib.matmul
-        for e in self.active:
-            mm(self.x[e], self.w_in[e], out=self.h[e])
-            mm(self.z[e], self.w_out[e], out=self.y[e])
-            mm(self.y[e], self.w_out_t[e], out=self.dz[e])  # dz = dy w_out^T
-            mm(self.z[e].T, self.y[e], out=self.dw_out[e])  # dw_out = z^T dy
-            mm(self.x[e].T, self.h[e], out=self.dw_in[e])  # dw_in = x^T dh
-            mm(self.h[e], self.w_in_t[e], out=self.dx[e])  # dx = dh w_in^T
-        self.lib.sync()
-
-
 def hf_candidate(lib: Library, w: Workload, params: SparseMoEParams, x: Any) -> tuple[Callable[[], Any] | None, str | None]:
     """HF's ``MixtralSparseMoeBlock`` on ``lib``'s device with the same weights (torch only), or
     ``(None, why not)``."""
@@ -201,7 +160,7 @@ def run_cell(lib: Library, w: Workload, dtype: Any, rounds: int, seed: int) -> d
         "layer_max_abs_diff_to_numpy_layer": float(np.max(np.abs(lib.get(out.y) - reference.y))) / scale,
         "routes_equal_numpy": bool(np.array_equal(lib.get(routes.expert_index), routes_np.expert_index)),
     }
-    bound = GemmBound(lib, w, counts, params_np, dtype)
+    bound = GemmBound(w, counts, params_np, dtype, put=lib.put, matmul=lib.matmul, sync=lib.sync)
     grad = lambda: sparse_moe_layer_value_and_vjp(x, params, options, ct)  # noqa: E731
     cands = {
         "gemm_fwd": bound.forward, "gemm_fwd_bwd": bound.forward_backward,
@@ -223,14 +182,7 @@ def run_cell(lib: Library, w: Workload, dtype: Any, rounds: int, seed: int) -> d
     else:
         cell["hf_mixtral_skipped"] = why_not
     times = harness.interleaved_times(cands, rounds=rounds, warmup=1, seed=seed)
-    summary = {}
-    for name, ts in times.items():
-        ref = REFERENCE.get(name)
-        if ref:
-            s = harness.summarize({name: ts, ref: times[ref]}, ref)[name]
-            summary[name] = {"reference": ref, "ratio": s.pop("ratio_to_" + ref), **s}
-        else:
-            summary[name] = {"median_seconds": float(np.median(ts)), "min_seconds": min(ts), "seconds": ts}
+    summary = harness.summarize_against(times, REFERENCE)
     cell["candidates"] = summary
     cell["gemm_fwd_gflops"] = w.forward_flops / summary["gemm_fwd"]["median_seconds"] / 1e9
     return cell

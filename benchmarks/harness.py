@@ -171,6 +171,21 @@ def summarize(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
     return out
 
 
+def summarize_against(times: dict[str, list[float]], reference_of: dict[str, str]) -> dict[str, dict]:
+    """Per candidate: with a reference in ``reference_of``, ``{"reference", "ratio", ...}`` as
+    :func:`summarize` gives it (``ratio`` is the median ratio to that reference, round by round);
+    without one (the references themselves), its times alone."""
+    out = {}
+    for name, ts in times.items():
+        ref = reference_of.get(name)
+        if ref:
+            s = summarize({name: ts, ref: times[ref]}, ref)[name]
+            out[name] = {"reference": ref, "ratio": s.pop("ratio_to_" + ref), **s}
+        else:
+            out[name] = {"median_seconds": statistics.median(ts), "min_seconds": min(ts), "seconds": ts}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ import harness  # noqa: F401  (first: re-executes without the OpenBLAS tuning va
 import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
+from typing import Any, Callable, NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 from tuned_numpy import TunedNumPyDispatch, swiglu_into  # noqa: E402
@@ -123,30 +123,43 @@ def make_inputs(w: Workload, dtype: Any, seed: int = 0) -> tuple[Any, SparseMoEP
 
 
 class GemmBound:
-    """Only the expert matmuls, on operands gathered beforehand, into preallocated outputs."""
+    """Only the expert matmuls, on operands gathered beforehand, into preallocated outputs.
 
-    def __init__(self, w: Workload, counts: np.ndarray, params: SparseMoEParams, dtype: Any, seed: int = 1):
+    NumPy by default; ``put`` (host array -> device array), ``matmul`` (with ``out=``) and ``sync``
+    run the same matmuls on another library's device (``gpu_layer.py``). ``swiglu_floor`` is
+    NumPy's alone.
+    """
+
+    def __init__(self, w: Workload, counts: np.ndarray, params: SparseMoEParams, dtype: Any, seed: int = 1, *,
+                 put: Callable[[np.ndarray], Any] = np.ascontiguousarray, matmul: Callable[..., Any] = np.matmul,
+                 sync: Callable[[], None] = lambda: None):
         rng = np.random.default_rng(seed)
-        self.w_in = [np.ascontiguousarray(params.experts.w_in[e]) for e in range(w.E)]  # (d, 2I)
-        self.w_out = [np.ascontiguousarray(params.experts.w_out[e]) for e in range(w.E)]  # (I, d)
-        self.w_in_t = [np.ascontiguousarray(a.T) for a in self.w_in]  # (2I, d)
-        self.w_out_t = [np.ascontiguousarray(a.T) for a in self.w_out]  # (d, I)
+        self.matmul, self.sync = matmul, sync
+        w_in = [np.ascontiguousarray(params.experts.w_in[e]) for e in range(w.E)]  # (d, 2I)
+        w_out = [np.ascontiguousarray(params.experts.w_out[e]) for e in range(w.E)]  # (I, d)
+        self.w_in, self.w_out = [put(a) for a in w_in], [put(a) for a in w_out]
+        self.w_in_t = [put(np.ascontiguousarray(a.T)) for a in w_in]  # (2I, d)
+        self.w_out_t = [put(np.ascontiguousarray(a.T)) for a in w_out]  # (d, I)
         n = [int(c) for c in counts]
-        self.x = [rng.standard_normal((c, w.d)).astype(dtype) for c in n]  # gathered tokens
-        self.z = [rng.standard_normal((c, w.I)).astype(dtype) for c in n]  # SwiGLU output
-        self.h = [np.empty((c, 2 * w.I), dtype) for c in n]  # x w_in, then reused as dh
-        self.y = [np.empty((c, w.d), dtype) for c in n]  # z w_out, then reused as dy
-        self.dw_in = [np.empty((w.d, 2 * w.I), dtype) for _ in n]
-        self.dw_out = [np.empty((w.I, w.d), dtype) for _ in n]
-        self.dz = [np.empty((c, w.I), dtype) for c in n]
-        self.dx = [np.empty((c, w.d), dtype) for c in n]
-        self.t = [np.empty((c, w.I), dtype) for c in n]  # SwiGLU workspace (swiglu_floor)
+        self.x = [put(rng.standard_normal((c, w.d)).astype(dtype)) for c in n]  # gathered tokens
+        self.z = [put(rng.standard_normal((c, w.I)).astype(dtype)) for c in n]  # SwiGLU output
+        self.h = [put(np.empty((c, 2 * w.I), dtype)) for c in n]  # x w_in, then reused as dh
+        self.y = [put(np.empty((c, w.d), dtype)) for c in n]  # z w_out, then reused as dy
+        self.dw_in = [put(np.empty((w.d, 2 * w.I), dtype)) for _ in n]
+        self.dw_out = [put(np.empty((w.I, w.d), dtype)) for _ in n]
+        self.dz = [put(np.empty((c, w.I), dtype)) for c in n]
+        self.dx = [put(np.empty((c, w.d), dtype)) for c in n]
+        self.t = [np.empty((c, w.I), dtype) for c in n]  # SwiGLU workspace (swiglu_floor, NumPy only)
         self.active = [e for e in range(w.E) if n[e] > 0]
 
-    def forward(self) -> None:
+    def _forward(self) -> None:
         for e in self.active:
-            np.matmul(self.x[e], self.w_in[e], out=self.h[e])
-            np.matmul(self.z[e], self.w_out[e], out=self.y[e])
+            self.matmul(self.x[e], self.w_in[e], out=self.h[e])
+            self.matmul(self.z[e], self.w_out[e], out=self.y[e])
+
+    def forward(self) -> None:
+        self._forward()
+        self.sync()
 
     def swiglu_floor(self) -> None:
         """The bound plus SwiGLU's elementwise work in NumPy's fewest passes (in place, into
@@ -158,12 +171,14 @@ class GemmBound:
             np.matmul(self.z[e], self.w_out[e], out=self.y[e])
 
     def forward_backward(self) -> None:
-        self.forward()
+        self._forward()
+        mm = self.matmul
         for e in self.active:
-            np.matmul(self.y[e], self.w_out_t[e], out=self.dz[e])  # dz = dy w_out^T
-            np.matmul(self.z[e].T, self.y[e], out=self.dw_out[e])  # dw_out = z^T dy
-            np.matmul(self.x[e].T, self.h[e], out=self.dw_in[e])  # dw_in = x^T dh
-            np.matmul(self.h[e], self.w_in_t[e], out=self.dx[e])  # dx = dh w_in^T
+            mm(self.y[e], self.w_out_t[e], out=self.dz[e])  # dz = dy w_out^T
+            mm(self.z[e].T, self.y[e], out=self.dw_out[e])  # dw_out = z^T dy
+            mm(self.x[e].T, self.h[e], out=self.dw_in[e])  # dw_in = x^T dh
+            mm(self.h[e], self.w_in_t[e], out=self.dx[e])  # dx = dh w_in^T
+        self.sync()
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,17 +277,7 @@ def run_cell(w: Workload, dtype: Any, args: argparse.Namespace, threads: int = 1
         cands.update(tc)
         cell["torch_check"] = info
     times = harness.interleaved_times(cands, rounds=args.rounds, warmup=1, seed=args.seed)
-    summary = {}
-    for name, ts in times.items():
-        ref = REFERENCE.get(name)
-        s = harness.summarize({name: ts, ref: times[ref]}, ref)[name] if ref else harness.summarize({name: ts}, name)[name]
-        if ref:
-            s = {"reference": ref, "ratio": s.pop("ratio_to_" + ref), **s}
-        else:
-            s.pop("ratio_to_" + name)
-            for key in ("ratio_min", "ratio_max", "ratio_spread", "ratio_of_fastest"):
-                s.pop(key)
-        summary[name] = s
+    summary = harness.summarize_against(times, REFERENCE)
     cell["candidates"] = summary
     if "tuned_dispatch" in times:
         over = harness.summarize({"dispatch": times["dispatch"], "tuned_dispatch": times["tuned_dispatch"]}, "tuned_dispatch")["dispatch"]
